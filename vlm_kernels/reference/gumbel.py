@@ -9,7 +9,8 @@ Every function takes a contiguous ``logits`` and a normalised ``dim`` (checks li
   ties, NaN counts as the largest), a whole row of NaN when the row holds a NaN
 * backward: ``dlogits = y * (dy - sum(dy * y)) / tau`` with ``y`` the soft sample (the straight-through
   gradient for hard samples)
-* KL(softmax(l) || uniform) = ``sum p (l - lse) + log K``; its gradient ``p * (log p - sum p log p)``
+* KL(softmax(l) || uniform) = ``sum p (l - lse) + log K``; its gradient ``p * (log p - sum p log p)``;
+  terms whose p is exactly 0 contribute 0 (0 log 0 = 0), so extreme finite logits never give NaN
 """
 
 from __future__ import annotations
@@ -66,11 +67,17 @@ def gumbel_argmax(logits: torch.Tensor, seed: int, dim: int) -> torch.Tensor:
     return _first_argmax(perturbed_logits(logits, seed), dim)
 
 
+def _p_log_p(logp: torch.Tensor) -> torch.Tensor:
+    """p log p with 0 log 0 = 0 (logp is -inf where an extreme logit underflows p to 0)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * logp, 0.0)
+
+
 def categorical_kl_uniform_forward(logits: torch.Tensor, dim: int) -> torch.Tensor:
     acc = _acc_dtype(logits.dtype)
     x = logits.to(acc)
     logp = torch.log_softmax(x, dim=dim)
-    kl = (logp.exp() * logp).sum(dim=dim) + math.log(logits.shape[dim])
+    kl = _p_log_p(logp).sum(dim=dim) + math.log(logits.shape[dim])
     return kl.to(logits.dtype)
 
 
@@ -78,6 +85,6 @@ def categorical_kl_uniform_backward(grad: torch.Tensor, logits: torch.Tensor, di
     acc = _acc_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(acc), dim=dim)
     p = logp.exp()
-    neg_entropy = (p * logp).sum(dim=dim, keepdim=True)
-    out = grad.to(acc).unsqueeze(dim) * p * (logp - neg_entropy)
+    neg_entropy = _p_log_p(logp).sum(dim=dim, keepdim=True)
+    out = torch.where(p > 0, grad.to(acc).unsqueeze(dim) * p * (logp - neg_entropy), 0.0)
     return out.to(logits.dtype)

@@ -1,0 +1,220 @@
+"""Fused Gumbel-softmax sampling (DALL-E dVAE): argument checks, torch.library ops, autograd, backends.
+
+Public functions:
+
+* :func:`gumbel_softmax` - ``F.gumbel_softmax`` semantics, one pass over the logits, any ``dim``.
+* :func:`gumbel_argmax` - Gumbel-max token sampling (int64 indices), one read of the logits.
+* :func:`categorical_kl_uniform` - KL(softmax(logits) || uniform) per row, with its gradient.
+
+Noise: element ``i`` (linear index in the contiguous logits) uses Philox4x32-10 at counter ``i`` under
+``seed``; the same seed gives the same noise on every backend (``csrc/common/philox.h``). Backward
+never stores noise: soft samples keep the output, hard samples regenerate the soft sample from the
+logits and the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._backend import OpTable
+from ..reference import gumbel as reference
+from ._common import (
+    check_float_tensor,
+    check_nonempty_dim,
+    check_positive_finite,
+    contiguous,
+    first_tensor_reason,
+    gpu_dtype_reason,
+    normalize_dim,
+    seed_tensor,
+)
+
+ENTRIES = ("softmax_forward", "softmax_backward", "argmax", "kl_forward", "kl_backward")
+TABLE = OpTable("gumbel")
+
+
+def _compiled(name: str):
+    def call(*args):
+        return getattr(torch.ops.vlm_kernels_C, name)(*args)
+
+    return call
+
+
+def _triton(name: str):
+    def call(*args):
+        from ..triton import gumbel as triton_gumbel  # imports triton: only when this backend runs
+
+        return getattr(triton_gumbel, name)(*args)
+
+    return call
+
+
+_FN_NAMES = {
+    "softmax_forward": "gumbel_softmax_forward",
+    "softmax_backward": "gumbel_softmax_backward",
+    "argmax": "gumbel_argmax",
+    "kl_forward": "categorical_kl_uniform_forward",
+    "kl_backward": "categorical_kl_uniform_backward",
+}
+
+for _entry, _fn in _FN_NAMES.items():
+    TABLE.register("reference", _entry, getattr(reference, _fn))
+    TABLE.register("cpu", _entry, _compiled(f"{_fn}_cpu"))
+    TABLE.register("cuda", _entry, _compiled(f"{_fn}_cuda"), first_tensor_reason(gpu_dtype_reason))
+    TABLE.register("triton", _entry, _triton(_fn), first_tensor_reason(gpu_dtype_reason))
+
+
+def _run(entry: str, *args):
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    _, fn = TABLE.select(entry, tensors[0].device, *args)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops. `seed` is a 0-dim int64 CPU tensor so that seed=None can be drawn from torch's
+# generator inside a compiled graph without a graph break.
+
+
+@torch.library.custom_op("vlm_kernels::gumbel_softmax_forward", mutates_args=())
+def _gumbel_softmax_forward(logits: Tensor, seed: Tensor, tau: float, hard: bool, dim: int) -> Tensor:
+    return _run("softmax_forward", contiguous(logits), int(seed.item()), tau, hard, dim)
+
+
+@_gumbel_softmax_forward.register_fake
+def _(logits, seed, tau, hard, dim):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("vlm_kernels::gumbel_softmax_backward", mutates_args=())
+def _gumbel_softmax_backward(grad: Tensor, saved: Tensor, seed: Tensor, tau: float, hard: bool, dim: int) -> Tensor:
+    return _run("softmax_backward", contiguous(grad).to(saved.dtype), contiguous(saved), int(seed.item()), tau, hard, dim)
+
+
+@_gumbel_softmax_backward.register_fake
+def _(grad, saved, seed, tau, hard, dim):
+    return torch.empty_like(saved, memory_format=torch.contiguous_format)
+
+
+def _gumbel_setup_context(ctx, inputs, output):
+    logits, seed, tau, hard, dim = inputs
+    ctx.tau, ctx.hard, ctx.dim = tau, hard, dim
+    # Soft: the sample is all the backward needs. Hard: the logits, to regenerate the soft sample.
+    ctx.save_for_backward(logits if hard else output, seed)
+
+
+def _gumbel_backward(ctx, grad):
+    saved, seed = ctx.saved_tensors
+    grad_logits = torch.ops.vlm_kernels.gumbel_softmax_backward(grad, saved, seed, ctx.tau, ctx.hard, ctx.dim)
+    return grad_logits, None, None, None, None
+
+
+_gumbel_softmax_forward.register_autograd(_gumbel_backward, setup_context=_gumbel_setup_context)
+
+
+@torch.library.custom_op("vlm_kernels::gumbel_argmax", mutates_args=())
+def _gumbel_argmax(logits: Tensor, seed: Tensor, dim: int) -> Tensor:
+    return _run("argmax", contiguous(logits), int(seed.item()), dim)
+
+
+@_gumbel_argmax.register_fake
+def _(logits, seed, dim):
+    shape = list(logits.shape)
+    del shape[dim]
+    return logits.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("vlm_kernels::categorical_kl_uniform_forward", mutates_args=())
+def _kl_forward(logits: Tensor, dim: int) -> Tensor:
+    return _run("kl_forward", contiguous(logits), dim)
+
+
+@_kl_forward.register_fake
+def _(logits, dim):
+    shape = list(logits.shape)
+    del shape[dim]
+    return logits.new_empty(shape)
+
+
+@torch.library.custom_op("vlm_kernels::categorical_kl_uniform_backward", mutates_args=())
+def _kl_backward(grad: Tensor, logits: Tensor, dim: int) -> Tensor:
+    return _run("kl_backward", contiguous(grad).to(logits.dtype), contiguous(logits), dim)
+
+
+@_kl_backward.register_fake
+def _(grad, logits, dim):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    logits, dim = inputs
+    ctx.dim = dim
+    ctx.save_for_backward(logits)
+
+
+def _kl_backward_formula(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return torch.ops.vlm_kernels.categorical_kl_uniform_backward(grad, logits, ctx.dim), None
+
+
+_kl_forward.register_autograd(_kl_backward_formula, setup_context=_kl_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API.
+
+SeedLike = Union[None, int, Tensor]
+
+
+def _check_logits(op: str, logits: object, dim: object) -> int:
+    logits = check_float_tensor(op, "logits", logits)
+    dim = normalize_dim(op, "logits", logits, dim)
+    check_nonempty_dim(op, "logits", logits, dim)
+    return dim
+
+
+def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1, *,
+                   seed: SeedLike = None) -> Tensor:
+    """Sample from the Gumbel-softmax distribution (``torch.nn.functional.gumbel_softmax`` semantics).
+
+    Args:
+        logits: (..., K, ...) unnormalised log-probabilities, float32/float16/bfloat16/float64.
+        tau: temperature > 0.
+        hard: return exact one-hot samples whose gradient is that of the soft sample (straight-through).
+        dim: the category dimension, e.g. ``dim=1`` for NCHW logits (no transposed copy is made).
+        seed: Philox seed (int or one-element CPU integer tensor); ``None`` draws one from torch's
+            default generator, so ``torch.manual_seed`` makes the call reproducible.
+
+    Returns:
+        A tensor of ``logits``' shape and dtype whose slices along ``dim`` sum to 1.
+    """
+    dim = _check_logits("gumbel_softmax", logits, dim)
+    tau = check_positive_finite("gumbel_softmax", "tau", tau)
+    return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed_tensor("gumbel_softmax", seed), tau,
+                                                        bool(hard), dim)
+
+
+def gumbel_argmax(logits: Tensor, dim: int = -1, *, seed: SeedLike = None) -> Tensor:
+    """Gumbel-max sampling: int64 indices of ``argmax(logits + Gumbel noise)`` along ``dim``.
+
+    Distributed as ``torch.multinomial(softmax(logits))``; identical, for the same seed, to the index
+    of the one-hot ``gumbel_softmax(logits, hard=True, dim=dim, seed=seed)``. A row holding NaN yields
+    the index of its first NaN (torch.argmax's convention).
+    """
+    dim = _check_logits("gumbel_argmax", logits, dim)
+    return torch.ops.vlm_kernels.gumbel_argmax(logits, seed_tensor("gumbel_argmax", seed), dim)
+
+
+def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
+    """KL(softmax(logits) || uniform over K) for every slice along ``dim`` (the dVAE's KL term).
+
+    Returns a tensor of ``logits``' shape without ``dim``, in ``logits``' dtype (fp32 math inside).
+    Differentiable.
+    """
+    dim = _check_logits("categorical_kl_uniform", logits, dim)
+    return torch.ops.vlm_kernels.categorical_kl_uniform_forward(logits, dim)
+
+
+__all__ = ["gumbel_softmax", "gumbel_argmax", "categorical_kl_uniform", "TABLE", "ENTRIES"]
