@@ -1,0 +1,110 @@
+"""Gumbel-softmax benchmarks: vlm_kernels against F.gumbel_softmax (eager and torch.compile) and a plain
+torch.softmax of the same tensor, forward soft, forward hard and forward+backward.
+
+Runner: ``python -m benchmarks.run --ops gumbel``. pytest-benchmark: ``pytest benchmarks/bench_gumbel.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlm_kernels as vk
+
+from .cases import Case, Target
+
+# (label, shape, dim): the dVAE's NCHW logits and a long batch of 8192-way rows.
+FULL_SHAPES = [("(8,8192,32,32) dim=1", (8, 8192, 32, 32), 1), ("(65536,8192) dim=-1", (65536, 8192), -1)]
+QUICK_SHAPES = [("(2,8192,8,8) dim=1", (2, 8192, 8, 8), 1), ("(2048,8192) dim=-1", (2048, 8192), -1)]
+MODES = ("fwd soft", "fwd hard", "fwd+bwd")
+
+CPU_TARGETS = {
+    "fwd soft": [Target("F.gumbel_softmax", 10.0, ">=10x F.gumbel_softmax"), Target("torch.softmax", 1 / 3, "within 3x of torch.softmax")],
+    "fwd hard": [Target("F.gumbel_softmax", 10.0, ">=10x F.gumbel_softmax"), Target("torch.softmax", 1 / 3, "within 3x of torch.softmax")],
+    "fwd+bwd": [Target("F.gumbel_softmax", 5.0, ">=5x F.gumbel_softmax")],
+}
+GPU_TARGETS = {
+    "fwd soft": [Target("F.gumbel_softmax", 8.0, ">=8x F.gumbel_softmax")],
+    "fwd hard": [Target("F.gumbel_softmax", 8.0, ">=8x F.gumbel_softmax")],
+    "fwd+bwd": [],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_gumbel():
+    return torch.compile(F.gumbel_softmax, dynamic=False)
+
+
+def _call(fn, shape, dim, mode, device, dtype):
+    """setup() for one implementation: allocates inputs, returns the timed closure."""
+
+    def setup():
+        x = torch.randn(shape, device=device, dtype=dtype)
+        hard = mode == "fwd hard"
+        if mode != "fwd+bwd":
+            return lambda: fn(x, hard, dim)
+        xg = x.requires_grad_(True)
+        grad = torch.randn_like(x)
+
+        def step():
+            y = fn(xg, False, dim)
+            y.backward(grad)
+            xg.grad = None
+
+        return step
+
+    return setup
+
+
+def _ours(x, hard, dim):
+    return vk.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
+
+
+def _torch(x, hard, dim):
+    return F.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
+
+
+def _torch_compiled(x, hard, dim):
+    return _compiled_gumbel()(x, tau=1.0, hard=hard, dim=dim)
+
+
+def _softmax(x, hard, dim):
+    return torch.softmax(x, dim)
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    dtype = torch.float32
+    targets = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
+    out = []
+    for label, shape, dim in QUICK_SHAPES if quick else FULL_SHAPES:
+        numel = 1
+        for s in shape:
+            numel *= s
+        big = numel > 10**8
+        for mode in MODES:
+            impls = {
+                "vlm_kernels": _call(_ours, shape, dim, mode, device, dtype),
+                "F.gumbel_softmax": _call(_torch, shape, dim, mode, device, dtype),
+                "F.gumbel_softmax compiled": _call(_torch_compiled, shape, dim, mode, device, dtype),
+            }
+            if mode != "fwd+bwd":
+                impls["torch.softmax"] = _call(_softmax, shape, dim, mode, device, dtype)
+            # Bytes the forward must move: logits read once, sample written once (fwd+bwd: x, y, dy, dx).
+            floor_bytes = numel * 4 * (2 if mode != "fwd+bwd" else 5)
+            out.append(Case("gumbel_softmax", label, mode, "float32", "vlm_kernels", impls, targets[mode],
+                            floor_bytes=floor_bytes, repeats=2 if big and device.type == "cpu" else 5))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytest-benchmark suite (quick shapes; the runner covers the full ones).
+
+
+@pytest.mark.parametrize("case", cases(torch.device("cpu"), quick=True), ids=lambda c: f"{c.shape}-{c.mode}")
+@pytest.mark.parametrize("impl", ["vlm_kernels", "F.gumbel_softmax"])
+def test_gumbel_cpu(benchmark, case, impl):
+    benchmark.group = f"gumbel {case.shape} {case.mode}"
+    benchmark(case.impls[impl]())

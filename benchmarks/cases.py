@@ -1,0 +1,29 @@
+"""The shape of a benchmark case, shared by every op's benchmark file and the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class Target:
+    """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x')."""
+
+    peer: str
+    min_ratio: float
+    label: str
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    mode: str
+    dtype: str
+    ours: str
+    impls: dict[str, Callable[[], Callable[[], object]]]  # name -> setup() returning the timed call
+    targets: list[Target] = field(default_factory=list)
+    floor_bytes: Optional[int] = None  # fewest bytes the op must move (inputs read + outputs written)
+    floor_flops: Optional[int] = None
+    repeats: int = 3

@@ -1,0 +1,177 @@
+"""The benchmark runner (the README's main command).
+
+Measures every implementation of every case side by side in one process, prints a table of time,
+peak memory and speed-up of vlm_kernels over each peer, checks the issue targets, and writes a JSON
+record (machine, versions, every number) and a PNG plot.
+
+    python -m benchmarks.run                    # full sizes on the best device here
+    python -m benchmarks.run --quick            # small sizes (a minute)
+    python -m benchmarks.run --device cuda --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .harness import copy_bandwidth, machine_record, measure
+
+OPS = {"gumbel": "benchmarks.bench_gumbel"}
+
+
+def _fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:,.0f} MB"
+
+
+def run_case(case, device, bandwidth):
+    """Measure each implementation; returns the case's record."""
+    rows = {}
+    for name, setup in case.impls.items():
+        try:
+            fn = setup()
+            m = measure(fn, device, repeats=case.repeats, warmup=1)
+            rows[name] = {"time_s": m.time_s, "peak_bytes": m.peak_bytes, "times_s": m.times_s}
+        except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+            rows[name] = {"error": f"{exc.__class__.__name__}: {exc}"[:300]}
+        finally:
+            fn = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ours = rows.get(case.ours, {})
+    for name, row in rows.items():
+        if "time_s" in row and "time_s" in ours:
+            row["speedup_of_ours"] = row["time_s"] / ours["time_s"]
+    record = {"op": case.op, "shape": case.shape, "mode": case.mode, "dtype": case.dtype, "ours": case.ours,
+              "results": rows, "targets": []}
+    if case.floor_bytes and "time_s" in ours:
+        record["floor_bytes"] = case.floor_bytes
+        record["floor_time_s"] = case.floor_bytes / bandwidth
+        record["fraction_of_copy_bandwidth"] = record["floor_time_s"] / ours["time_s"]
+    for t in case.targets:
+        peer = rows.get(t.peer, {})
+        ratio = peer.get("speedup_of_ours")
+        record["targets"].append({"target": t.label, "peer": t.peer, "min_ratio": t.min_ratio, "ratio": ratio,
+                                  "met": None if ratio is None else bool(ratio >= t.min_ratio)})
+    return record
+
+
+def print_case(rec):
+    print(f"\n{rec['op']}  {rec['shape']}  {rec['mode']}  {rec['dtype']}")
+    print(f"  {'implementation':<28} {'time':>11} {'peak mem':>10} {'ours is':>10}")
+    for name, row in rec["results"].items():
+        if "error" in row:
+            print(f"  {name:<28} error: {row['error']}")
+            continue
+        sp = row.get("speedup_of_ours")
+        sp_txt = "" if name == rec["ours"] else f"{sp:.2f}x"
+        print(f"  {name:<28} {row['time_s'] * 1e3:>8.2f} ms {_fmt_bytes(row['peak_bytes']):>10} {sp_txt:>10}")
+    if "fraction_of_copy_bandwidth" in rec:
+        print(f"  floor (bytes / copy bandwidth): {rec['floor_time_s'] * 1e3:.2f} ms; ours at "
+              f"{100 * rec['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
+    for t in rec["targets"]:
+        mark = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        print(f"  target {t['target']}: ratio {ratio} -> {mark}")
+
+
+def plot(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, peers, values = [], [], {}
+    for rec in records:
+        label = f"{rec['op']}\n{rec['shape']}\n{rec['mode']}"
+        labels.append(label)
+        for name, row in rec["results"].items():
+            if name == rec["ours"] or "speedup_of_ours" not in row:
+                continue
+            if name not in peers:
+                peers.append(name)
+            values.setdefault(name, {})[label] = row["speedup_of_ours"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 5))
+    width = 0.8 / max(1, len(peers))
+    for i, name in enumerate(peers):
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, [values[name].get(lbl, 0) for lbl in labels], width, label=f"vs {name}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up of vlm_kernels (peer time / our time)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.legend(fontsize=8)
+    ax.set_title("vlm_kernels vs peers (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _exec_with_fixed_mmap_threshold() -> None:
+    """Re-run this process with glibc's mmap threshold pinned, so every large buffer is its own mapping
+    and the resident high-water mark measures peak memory (glibc otherwise raises the threshold after
+    the first free and recycles big buffers from the heap, hiding them)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], env)
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        _exec_with_fixed_mmap_threshold()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"), help="folder for JSON + PNG")
+    parser.add_argument("--tag", default="", help="suffix for the output file names")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    os.makedirs(args.out, exist_ok=True)
+    machine = machine_record(device)
+    bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 28))
+    machine["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"device: {machine['device']}; torch {machine['torch']}; triton {machine['triton']}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    import vlm_kernels
+
+    print(vlm_kernels.info())
+
+    records = []
+    for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
+        if op not in OPS:
+            parser.error(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        module = importlib.import_module(OPS[op])
+        for case in module.cases(device, quick=args.quick):
+            t0 = time.perf_counter()
+            rec = run_case(case, device, bandwidth)
+            rec["wall_s"] = time.perf_counter() - t0
+            records.append(rec)
+            print_case(rec)
+            sys.stdout.flush()
+
+    stem = f"bench_{device.type}{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
+    json_path = os.path.join(args.out, stem + ".json")
+    png_path = os.path.join(args.out, stem + ".png")
+    with open(json_path, "w") as fh:
+        json.dump({"machine": machine, "quick": args.quick, "cases": records}, fh, indent=2)
+    plot(records, png_path)
+    missed = [(r["op"], r["shape"], r["mode"], t["target"]) for r in records for t in r["targets"] if t["met"] is False]
+    print(f"\nwrote {json_path} and {png_path}")
+    print(f"targets: {sum(t['met'] is True for r in records for t in r['targets'])} met, {len(missed)} missed")
+    for m in missed:
+        print("  missed:", " | ".join(m))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
