@@ -78,7 +78,8 @@ def build_config():
 
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
     native = os.environ.get("VLM_KERNELS_NATIVE", "1") not in ("0", "false", "no")
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"] + (["-march=native"] if native else [])
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch >= 2.10).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + (["-march=native"] if native else [])
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs = []
@@ -91,7 +92,7 @@ def build_config():
         site = os.path.dirname(os.path.dirname(torch.__file__))
         include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
         library_dirs += [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         define_macros.append(("VLM_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
     ext = ext_cls(

@@ -193,6 +193,8 @@ def test_nan_row_stays_in_its_row(cpu_backend):
         soft = vk.gumbel_softmax(x, seed=1)
         hard = vk.gumbel_softmax(x, hard=True, seed=1)
         idx = vk.gumbel_argmax(x, seed=1)
+        kl = vk.categorical_kl_uniform(x)
+    assert torch.isnan(kl[2]) and torch.isfinite(kl[[0, 1, 3, 4]]).all()
     for out in (soft, hard):
         assert torch.isnan(out[2]).all()
         assert torch.isfinite(out[[0, 1, 3, 4]]).all()

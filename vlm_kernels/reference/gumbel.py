@@ -10,7 +10,8 @@ Every function takes a contiguous ``logits`` and a normalised ``dim`` (checks li
 * backward: ``dlogits = y * (dy - sum(dy * y)) / tau`` with ``y`` the soft sample (the straight-through
   gradient for hard samples)
 * KL(softmax(l) || uniform) = ``sum p (l - lse) + log K``; its gradient ``p * (log p - sum p log p)``;
-  terms whose p is exactly 0 contribute 0 (0 log 0 = 0), so extreme finite logits never give NaN
+  terms whose p is exactly 0 contribute 0 (0 log 0 = 0), so extreme finite logits never give NaN,
+  while a row holding NaN gives NaN (KL and gradient)
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def gumbel_argmax(logits: torch.Tensor, seed: int, dim: int) -> torch.Tensor:
 
 
 def _p_log_p(logp: torch.Tensor) -> torch.Tensor:
-    """p log p with 0 log 0 = 0 (logp is -inf where an extreme logit underflows p to 0)."""
+    """p log p with 0 log 0 = 0 (logp is -inf where an extreme logit underflows p to 0); NaN stays NaN."""
     p = logp.exp()
-    return torch.where(p > 0, p * logp, 0.0)
+    return torch.where(p == 0, 0.0, p * logp)
 
 
 def categorical_kl_uniform_forward(logits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -86,5 +87,5 @@ def categorical_kl_uniform_backward(grad: torch.Tensor, logits: torch.Tensor, di
     logp = torch.log_softmax(logits.to(acc), dim=dim)
     p = logp.exp()
     neg_entropy = _p_log_p(logp).sum(dim=dim, keepdim=True)
-    out = torch.where(p > 0, grad.to(acc).unsqueeze(dim) * p * (logp - neg_entropy), 0.0)
+    out = torch.where(p == 0, 0.0, grad.to(acc).unsqueeze(dim) * p * (logp - neg_entropy))
     return out.to(logits.dtype)
