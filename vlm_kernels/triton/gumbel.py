@@ -10,14 +10,17 @@ linear offset ``(o * K + k) * inner + i``, which is also its Philox counter. A p
 ``LAST_DIM``: there the "columns" are rows of stride K and the tile walks K contiguously; otherwise
 ``BLOCK_I`` consecutive inner positions, the contiguous axis, so no transposed copy is ever made).
 
-* ``SINGLE``: the whole reduction axis fits one tile (``next_power_of_2(K) * BLOCK_I <= max_block``):
-  logits are read once, kept in registers, and the output is written once.
+* ``SINGLE``: the whole reduction axis fits one tile (``next_power_of_2(K) <= max_block``, default
+  ``MAX_BLOCK``): logits are read once, kept in registers, and the output is written once. Short
+  reductions share a program (about ``TILE`` elements); long columns (dim != -1, e.g. K = 8192 over
+  dim 1 of NCHW) take a strip of 2-8 neighbouring columns.
 * otherwise a loop over K in chunks: one pass with an online softmax (running max + rescaled sum) or a
   running argmax, then a pass that re-reads the logits, regenerates the noise and writes. A hard
   sample's second pass only writes (the one-hot needs no logits).
 
-Kernels that compute noise are launched with ``enable_fp_fusion=False`` (see ``philox.py``); the
-noise is never stored, the hard backward regenerates it from the seed.
+The grid is 1D, one program per tile (grid x is not capped at 65535). Kernels that compute noise are
+launched with ``enable_fp_fusion=False`` (see ``philox.py``); the noise is never stored, the hard
+backward regenerates it from the seed.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _columns(n_cols, n_col_tiles, BLOCK_I: tl.constexpr):
     """This program's outer index ``o`` and its ``BLOCK_I`` reduction columns (with their mask)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     o = pid // n_col_tiles
-    cols = (pid % n_col_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols = (pid % n_col_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)  # int64: rows may number >= 2^31
     return o, cols, cols < n_cols
 
 
@@ -255,9 +258,11 @@ def _gumbel_softmax_bwd_kernel(dy_ptr, saved_ptr, dx_ptr, seed_lo, seed_hi, inv_
 # ----------------------------------------------------------------------------------------------------
 # KL(softmax(l) || uniform) = sum p (l - lse) + log K = t / s - log s + log K, with m = max l,
 # s = sum exp(l - m), t = sum exp(l - m) (l - m); its gradient is grad * p_k (l_k - m - t / s).
-# As in the reference, a term whose p is 0 contributes 0 (0 log 0 = 0, so -inf and extreme finite logits
-# give no NaN), and a column whose log-softmax is NaN everywhere (a NaN or +inf logit, or every logit
-# -inf) has only such terms: KL = log K and a zero gradient.
+# As in the reference, a term whose p is exactly 0 contributes 0 (0 log 0 = 0, so -inf and extreme finite
+# logits give no NaN), while a column whose log-softmax is NaN everywhere (a NaN or +inf logit, or every
+# logit -inf) gives a NaN KL and a NaN gradient for the whole column. The guards below test ``!= 0``
+# (never ``> 0``) so a NaN term is kept, and the kernel also flags such columns explicitly (``valid``)
+# rather than rely on how ``tl.max`` treats NaN.
 
 
 @triton.jit
@@ -267,12 +272,13 @@ def _kl_stats_update(m, s, t, l, mask):
     alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
     # Rebase t on m_new: t + s (m - m_new), times alpha. When alpha underflows to 0 the old terms vanish
     # (and s (m - m_new) may overflow), when s == 0 (m still -inf) there is nothing to rebase.
-    shift = tl.where(s > 0, s * (m - m_new), 0.0)
-    t = tl.where(alpha > 0, (t + shift) * alpha, 0.0)
+    # The guards test != 0 so a NaN s / alpha / t still propagates.
+    shift = tl.where(s != 0, s * (m - m_new), 0.0)
+    t = tl.where(alpha != 0, (t + shift) * alpha, t * 0.0)
     d = l - m_new[None, :]
     e = tl.where(mask & (l != float("-inf")), tl.exp(d), 0.0)  # no exp(-inf - -inf) while m_new is -inf
     s = s * alpha + tl.sum(e, axis=0)
-    t = t + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+    t = t + tl.sum(tl.where(e != 0, e * d, 0.0), axis=0)  # 0 log 0 = 0; a NaN e stays NaN
     return m_new, s, t
 
 
@@ -293,7 +299,7 @@ def _kl_uniform_kernel(x_ptr, g_ptr, out_ptr, K, log_k, n_cols, n_col_tiles,
         d = l - m[None, :]
         e = tl.where(mask, tl.exp(d), 0.0)
         s = tl.sum(e, axis=0)
-        t = tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+        t = tl.sum(tl.where(e != 0, e * d, 0.0), axis=0)  # 0 log 0 = 0; a NaN e stays NaN
     else:
         m = tl.full([BLOCK_I], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_I], tl.float32)
@@ -306,6 +312,7 @@ def _kl_uniform_kernel(x_ptr, g_ptr, out_ptr, K, log_k, n_cols, n_col_tiles,
             l = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
             n_nan += tl.sum((l != l).to(tl.int32), axis=0)
             m, s, t = _kl_stats_update(m, s, t, l, mask)
+    # NaN, +inf or all -inf: the log-softmax is NaN everywhere, so are the KL and the whole gradient.
     valid = (n_nan == 0) & (m > float("-inf")) & (m < float("inf"))
     r = 1.0 / s
     if BACKWARD:
@@ -313,7 +320,7 @@ def _kl_uniform_kernel(x_ptr, g_ptr, out_ptr, K, log_k, n_cols, n_col_tiles,
         mean = t * r  # sum p log p + log s
         if SINGLE:
             dx = g[None, :] * (e * r[None, :]) * (d - mean[None, :])
-            dx = tl.where(valid[None, :] & (e > 0), dx, 0.0)
+            dx = tl.where(valid[None, :], tl.where(e != 0, dx, 0.0), float("nan"))
             tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             for k0 in range(0, K, BLOCK_K):
@@ -323,10 +330,10 @@ def _kl_uniform_kernel(x_ptr, g_ptr, out_ptr, K, log_k, n_cols, n_col_tiles,
                 d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - m[None, :]
                 e = tl.exp(d)
                 dx = g[None, :] * (e * r[None, :]) * (d - mean[None, :])
-                dx = tl.where(valid[None, :] & (e > 0), dx, 0.0)
+                dx = tl.where(valid[None, :], tl.where(e != 0, dx, 0.0), float("nan"))
                 tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        kl = tl.where(valid, t * r - tl.log(s), 0.0) + log_k
+        kl = tl.where(valid, t * r - tl.log(s), float("nan")) + log_k
         tl.store(out_ptr + red, kl.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -371,7 +378,9 @@ def _launch_plan(x: torch.Tensor, dim: int, max_block: Optional[int]):
         bi = 1 if last_dim else min(cols_p2, LOOP_COLS)
         bk = max(1, min(limit, LOOP_TILE) // bi)
     tile = bk * bi
-    num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    # About 8 elements per thread: the Philox + log chain needs ~5 live registers per element, so
+    # this keeps sm_90 kernels near 40-60 registers without spills (ptxas -v on the 3.8 output).
+    num_warps = min(32, max(4, tile // 256))
     n_col_tiles = triton.cdiv(n_cols, bi)
     n_programs = n_outer * n_col_tiles
     if n_programs >= 2**31:
