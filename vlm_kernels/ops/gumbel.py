@@ -47,7 +47,11 @@ def _triton(name: str):
     def call(*args):
         from ..triton import gumbel as triton_gumbel  # imports triton: only when this backend runs
 
-        return getattr(triton_gumbel, name)(*args)
+        device = args[0].device
+        if device.type != "cuda":
+            return getattr(triton_gumbel, name)(*args)
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return getattr(triton_gumbel, name)(*args)
 
     return call
 
