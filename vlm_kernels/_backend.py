@@ -234,7 +234,7 @@ def info_table() -> str:
         avail = availability(name)
         cpu_reason = device_reason(name, torch.device("cpu"))
         cuda_reason = device_reason(name, torch.device("cuda")) if torch.cuda.is_available() else "no CUDA device"
-        why = avail.reason or "; ".join(r for r in (cpu_reason, cuda_reason) if r)
+        why = avail.reason or "; ".join(f"{dev}: {r}" for dev, r in (("CPU", cpu_reason), ("CUDA", cuda_reason)) if r)
         lines.append(f"{name:<10} {'yes' if avail.ok else 'no':<5} {'yes' if not cpu_reason else 'no':<12} "
                      f"{'yes' if not cuda_reason else 'no':<12} {why}")
     return "\n".join(lines)
