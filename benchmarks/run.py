@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"), help="folder for JSON + PNG")
     parser.add_argument("--tag", default="", help="suffix for the output file names")
+    parser.add_argument("--filter", default="", help="only cases whose 'shape mode' text contains this")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
             parser.error(f"unknown op {op!r}; choose from {', '.join(OPS)}")
         module = importlib.import_module(OPS[op])
         for case in module.cases(device, quick=args.quick):
+            if args.filter and args.filter not in f"{case.shape} {case.mode}":
+                continue
             t0 = time.perf_counter()
             rec = run_case(case, device, bandwidth)
             rec["wall_s"] = time.perf_counter() - t0
