@@ -32,7 +32,6 @@ from ._common import (
     seed_tensor,
 )
 
-ENTRIES = ("softmax_forward", "softmax_backward", "argmax", "kl_forward", "kl_backward")
 TABLE = OpTable("gumbel")
 
 
@@ -221,4 +220,4 @@ def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
     return torch.ops.vlm_kernels.categorical_kl_uniform_forward(logits, dim)
 
 
-__all__ = ["gumbel_softmax", "gumbel_argmax", "categorical_kl_uniform", "TABLE", "ENTRIES"]
+__all__ = ["gumbel_softmax", "gumbel_argmax", "categorical_kl_uniform", "TABLE"]
