@@ -6,12 +6,12 @@
 //  * simd:: (AVX-512F/BW/VL, float32 / float16 / bfloat16, computed in float32). A tensor viewed as
 //    (outer, K, inner) is cut into units that one thread processes at a time (at::parallel_for):
 //      - Row  (inner == 1): the K contiguous elements of a row, 16 per step, reduced across lanes at the end;
-//      - Tile (inner > 1):  64 (or, for the last columns and for K > 65536, 16) adjacent columns of one
+//      - Tile (inner > 1):  32 (or, for the last columns and for K > 65536, 16) adjacent columns of one
 //        outer slice, one step per k: the lanes are the columns, so nothing is transposed and no
 //        horizontal reduction is needed.
 //    The noise is generated in registers, 4 vectors at a time (interleaved: one chain alone is
 //    latency-bound), bit-identical to vlm::gumbel_noise. The soft sample writes z = logits + noise into
-//    a float workspace (the output row itself for a float32 row, else a per-thread buffer of K x 64
+//    a float workspace (the output row itself for a float32 row, else a per-thread buffer of K x 32
 //    floats at most), then exponentiates and normalises it, so the noise is generated once and the unit
 //    stays in cache. Hard samples and argmax need one pass; the backward of a hard sample regenerates
 //    the soft sample. Sums over K are kept in float64 lanes.
@@ -570,7 +570,7 @@ struct Row {
 
 // A tile: 16 V adjacent columns of one outer slice (lanes = columns), one step per k, so nothing is
 // transposed and no horizontal reduction is needed. Consecutive steps are `inner` elements apart, often a
-// page: every step costs a TLB miss per tensor, which 64 columns per step (V = 4) share 4 ways.
+// page: every step costs a TLB miss per tensor, which 32 columns per step (V = 2) share 2 ways.
 template <int V>
 struct Tile {
   static constexpr int kVecs = V;
@@ -741,11 +741,11 @@ void softmax_grad(const L& lay, Y&& y_at, const T* y_tensor, const T* dy, T* out
 }
 
 // ---- drivers: cut the tensor into rows or tiles and run `unit` on each, in parallel ----------------
-// unit(layout, base offset, prefilled noise of the unit or nullptr, float workspace of K x 64 at most).
+// unit(layout, base offset, prefilled noise of the unit or nullptr, float workspace of K x 32 at most).
 // With `noisy`, units too narrow for 16 lanes (short rows, fewer than 16 columns) get their noise
 // generated 16 contiguous offsets at a time into a buffer first.
-constexpr int kWideVecs = 4;
-constexpr int64_t kWideMaxK = 65536;  // wide tiles only while their workspace stays within 16 MiB
+constexpr int kWideVecs = 2;  // 32 columns: the K x 32 float workspace (1 MiB at K = 8192) stays near L2; 64 was 3-8% slower
+constexpr int64_t kWideMaxK = 65536;  // wide tiles only while their workspace stays within 8 MiB
 
 template <typename F>
 void for_each_row(const Shape& sh, uint64_t seed, bool noisy, F&& unit) {
@@ -762,7 +762,7 @@ void for_each_row(const Shape& sh, uint64_t seed, bool noisy, F&& unit) {
   });
 }
 
-// Each outer slice: inner / 64 wide tiles of 64 columns, then tiles of 16 (the last one partial).
+// Each outer slice: inner / 32 wide tiles of 32 columns, then tiles of 16 (the last one partial).
 template <typename F>
 void for_each_tile(const Shape& sh, uint64_t seed, bool noisy, F&& unit) {
   const int64_t wide = sh.K <= kWideMaxK ? sh.inner / (16 * kWideVecs) : 0;
