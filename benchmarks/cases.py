@@ -8,11 +8,13 @@ from typing import Callable, Optional
 
 @dataclass
 class Target:
-    """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x')."""
+    """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x'), or, with
+    ``max_bytes``, a memory target: our peak extra memory ``<= max_bytes``."""
 
     peer: str
     min_ratio: float
     label: str
+    max_bytes: Optional[int] = None
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from .harness import copy_bandwidth, machine_record, measure
 
-OPS = {"gumbel": "benchmarks.bench_gumbel"}
+OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq"}
 
 
 def _fmt_bytes(n):
@@ -53,7 +53,15 @@ def run_case(case, device, bandwidth):
         record["floor_bytes"] = case.floor_bytes
         record["floor_time_s"] = case.floor_bytes / bandwidth
         record["fraction_of_copy_bandwidth"] = record["floor_time_s"] / ours["time_s"]
+    if case.floor_flops and "time_s" in ours:
+        record["floor_flops"] = case.floor_flops
+        record["ours_gflops"] = case.floor_flops / ours["time_s"] / 1e9
     for t in case.targets:
+        if t.max_bytes is not None:
+            peak = ours.get("peak_bytes")
+            record["targets"].append({"target": t.label, "peer": "", "max_bytes": t.max_bytes, "ratio": None,
+                                      "peak_bytes": peak, "met": None if peak is None else bool(peak <= t.max_bytes)})
+            continue
         peer = rows.get(t.peer, {})
         ratio = peer.get("speedup_of_ours")
         record["targets"].append({"target": t.label, "peer": t.peer, "min_ratio": t.min_ratio, "ratio": ratio,
@@ -74,8 +82,13 @@ def print_case(rec):
     if "fraction_of_copy_bandwidth" in rec:
         print(f"  floor (bytes / copy bandwidth): {rec['floor_time_s'] * 1e3:.2f} ms; ours at "
               f"{100 * rec['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
+    if "ours_gflops" in rec:
+        print(f"  ours at {rec['ours_gflops']:.0f} GFLOP/s of distance product")
     for t in rec["targets"]:
         mark = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
+        if "max_bytes" in t:
+            print(f"  target {t['target']}: peak {_fmt_bytes(t['peak_bytes'])} -> {mark}")
+            continue
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
         print(f"  target {t['target']}: ratio {ratio} -> {mark}")
 

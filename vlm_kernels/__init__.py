@@ -6,6 +6,7 @@ reported by ``python -m vlm_kernels info`` and raise only when explicitly reques
 
 from ._backend import BACKENDS, BackendUnavailableError, forced_backend, info_table, use_backend
 from .ops.gumbel import categorical_kl_uniform, gumbel_argmax, gumbel_softmax
+from .ops.vq import perplexity, vq_code_stats, vq_ema_update_, vq_nearest, vq_quantize
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,11 @@ __all__ = [
     "gumbel_argmax",
     "gumbel_softmax",
     "info",
+    "perplexity",
     "use_backend",
+    "vq_code_stats",
+    "vq_ema_update_",
+    "vq_nearest",
+    "vq_quantize",
     "__version__",
 ]

@@ -193,7 +193,10 @@ class OpTable:
                 if skipped:
                     _warn_once(self.op_name, name, skipped)
                 return name, self.impls[entry][name].fn
-            skipped.append((name, reason))
+            if name in self.impls.get(entry, {}):  # a backend that never implemented it is no fallback
+                skipped.append((name, reason))
+        if not skipped:
+            skipped = [(name, self.reason(name, entry, device, *args, **kwargs)) for name in order]
         raise BackendUnavailableError(
             f"{self.op_name}: no backend can run on {device.type} tensors here: "
             + "; ".join(f"{n}: {r}" for n, r in skipped)

@@ -1,0 +1,132 @@
+"""Vector-quantisation benchmarks: the nearest-code lookup and the VQ layer's training step.
+
+Lookup (N x D rows against a K x D codebook, fp32): vlm_kernels.vq_nearest against torch.cdist + argmin,
+the expanded-matmul form (|x|^2 - 2 x e^T + |e|^2, argmin), faiss-cpu's IndexFlatL2 search with k = 1
+(CPU), and the distance product alone (torch.matmul x @ e^T, the GEMM every method must do).
+
+Training step (forward, backward, EMA update; K = 8192, D = 256, decay 0.99): vlm_kernels.nn.VectorQuantizer
+against vector-quantize-pytorch's VectorQuantize with the same arguments (its plain straight-through
+estimator: rotation_trick=False).
+
+Runner: ``python -m benchmarks.run --ops vq``. pytest-benchmark: ``pytest benchmarks/bench_vq.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_kernels as vk
+from vlm_kernels.nn.vq import VectorQuantizer
+
+from .cases import Case, Target
+
+K, D = 8192, 256
+FULL_N = (8192, 65536)
+QUICK_N = (2048,)
+QUICK_K = 1024
+
+CPU_LOOKUP_TARGETS = [Target("faiss IndexFlatL2", 1.0, "as fast as faiss-cpu IndexFlatL2 (k=1)")]
+CPU_STEP_TARGETS = [Target("vector-quantize-pytorch", 3.0, ">=3x vector-quantize-pytorch training step")]
+GPU_LOOKUP_TARGETS = [Target("torch.cdist + argmin", 5.0, ">=5x torch.cdist + argmin"),
+                      Target("torch.matmul x@e^T", 0.5, ">=50% of torch.matmul's rate on the distance product")]
+GPU_STEP_TARGETS: list[Target] = []
+
+
+def _data(n, k, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g).to(device)
+    e = torch.randn(k, D, generator=g).to(device)
+    return x, e
+
+
+def _lookup(kind, n, k, device):
+    def setup():
+        x, e = _data(n, k, device)
+        if kind == "ours":
+            return lambda: vk.vq_nearest(x, e)
+        if kind == "cdist":
+            return lambda: torch.cdist(x, e).argmin(dim=1)
+        if kind == "expanded":
+            e_sq = (e * e).sum(1)
+
+            def expanded():
+                d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ e.T) + e_sq
+                return d.argmin(dim=1)
+
+            return expanded
+        if kind == "matmul":
+            return lambda: x @ e.T
+        if kind == "faiss":
+            import faiss
+
+            index = faiss.IndexFlatL2(D)
+            index.add(e.numpy())
+            xn = x.numpy()
+            return lambda: index.search(xn, 1)
+        raise ValueError(kind)
+
+    return setup
+
+
+def _train_step(kind, n, k, device):
+    def setup():
+        x, _ = _data(n, k, device, seed=1)
+        if kind == "ours":
+            layer = VectorQuantizer(D, k, decay=0.99, commitment_weight=0.25)
+        else:
+            from vector_quantize_pytorch import VectorQuantize
+
+            layer = VectorQuantize(dim=D, codebook_size=k, decay=0.99, commitment_weight=0.25, rotation_trick=False)
+        layer = layer.to(device).train()
+        xg = x.clone().requires_grad_(True)
+        g = torch.randn_like(x)
+
+        def step():
+            quantized, _, loss = layer(xg)
+            (loss + (quantized * g).sum()).backward()
+            xg.grad = None
+
+        return step
+
+    return setup
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    gpu = device.type == "cuda"
+    ns = QUICK_N if quick else FULL_N
+    k = QUICK_K if quick else K
+    out = []
+    for n in ns:
+        impls = {
+            "vlm_kernels": _lookup("ours", n, k, device),
+            "torch.cdist + argmin": _lookup("cdist", n, k, device),
+            "expanded matmul + argmin": _lookup("expanded", n, k, device),
+            "torch.matmul x@e^T": _lookup("matmul", n, k, device),
+        }
+        if not gpu:
+            impls["faiss IndexFlatL2"] = _lookup("faiss", n, k, device)
+        targets = list(GPU_LOOKUP_TARGETS if gpu else CPU_LOOKUP_TARGETS)
+        if not gpu and n == 65536:
+            targets.append(Target("", 0.0, "extra memory <= 64 MB", max_bytes=64 << 20))
+        out.append(Case("vq_nearest", f"N={n} K={k} D={D}", "lookup", "float32", "vlm_kernels", impls, targets,
+                        floor_flops=2 * n * k * D, repeats=3))
+    for n in ns:
+        impls = {"vlm_kernels": _train_step("ours", n, k, device),
+                 "vector-quantize-pytorch": _train_step("vqp", n, k, device)}
+        out.append(Case("VectorQuantizer", f"N={n} K={k} D={D} EMA", "train step", "float32", "vlm_kernels", impls,
+                        list(GPU_STEP_TARGETS if gpu else CPU_STEP_TARGETS), repeats=3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytest-benchmark suite (quick shapes; the runner covers the full ones).
+
+
+@pytest.mark.parametrize("case", cases(torch.device("cpu"), quick=True), ids=lambda c: f"{c.op}-{c.shape}")
+@pytest.mark.parametrize("impl", ["vlm_kernels", "torch.cdist + argmin", "vector-quantize-pytorch"])
+def test_vq_cpu(benchmark, case, impl):
+    if impl not in case.impls:
+        pytest.skip(f"{impl} is not a peer of {case.op}")
+    benchmark.group = f"{case.op} {case.shape} {case.mode}"
+    benchmark(case.impls[impl]())
