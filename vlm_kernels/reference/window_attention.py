@@ -91,15 +91,16 @@ def window_partition(x: Tensor, window: Sequence[int]) -> Tensor:
     b, hp, wp, c = x.shape
     mh, mw = window
     x = x.view(b, hp // mh, mh, wp // mw, mw, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, mh * mw, c)
+    return x.reshape(b * (hp // mh) * (wp // mw), mh * mw, c)
 
 
 def window_reverse(windows: Tensor, window: Sequence[int], hp: int, wp: int) -> Tensor:
     """(B * nW, N, C) -> (B, Hp, Wp, C), the inverse of :func:`window_partition`."""
     mh, mw = window
     c = windows.shape[-1]
-    x = windows.reshape(-1, hp // mh, wp // mw, mh, mw, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, hp, wp, c)
+    b = windows.shape[0] // ((hp // mh) * (wp // mw))
+    x = windows.reshape(b, hp // mh, wp // mw, mh, mw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, c)
 
 
 def shift_and_pad(x: Tensor, window: Sequence[int], shift: Sequence[int], pad_value: Optional[Tensor]) -> Tensor:
@@ -161,7 +162,7 @@ def _logits(q: Tensor, k: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]
         s = s + bias
     if mask is not None:
         bw, heads, n, _ = s.shape
-        s = (s.view(-1, mask.shape[0], heads, n, n) + mask[None, :, None]).view(bw, heads, n, n)
+        s = (s.view(bw // mask.shape[0], mask.shape[0], heads, n, n) + mask[None, :, None]).view(bw, heads, n, n)
     return s
 
 
@@ -176,8 +177,12 @@ def windowed_attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[T
     acc = acc_dtype(q.dtype)
     cast = (lambda t: None if t is None else t.to(acc))
     s = _logits(q.to(acc), k.to(acc), cast(bias), cast(mask), scale, cast(logit_scale))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
+    # p from the row max and sum (as a fused kernel does), not exp(s - lse): lse carries ~ulp(lse) error.
+    m = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - m)
+    row = e.sum(dim=-1, keepdim=True)
+    p = e / row
+    lse = (m + torch.log(row)).squeeze(-1)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p, training=True)
     return (p @ v.to(acc)).to(q.dtype), lse
@@ -205,8 +210,16 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
     cast = (lambda t: None if t is None else t.to(acc))
     s = _logits(q, k, cast(bias), cast(mask), scale, cast(logit_scale))
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
+    # lse is exact only to ~ulp(lse) (logits reach ~100 with v2's logit scale), which would scale whole
+    # rows of p by 1 + 1e-5 in float32; renormalising keeps the reductions (dbias, dlogit_scale) as
+    # accurate as autograd through softmax. Rows with lse = +inf (padded queries) stay 0.
+    row = p.sum(-1, keepdim=True)
+    p = torch.where(row > 0, p / torch.where(row > 0, row, 1.0), 0.0)
     dv = p.transpose(-2, -1) @ do
-    ds = p * (do @ v.transpose(-2, -1) - (do * o).sum(-1, keepdim=True))
+    dp = do @ v.transpose(-2, -1)
+    # rowsum(p * dp) equals rowsum(do * o) (what a fused kernel uses), but taken from the same p it
+    # makes every row of ds sum to 0 to rounding, which the cancelling sums for dlogit_scale need.
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     dbias = ds.sum(0) if bias is not None else None
     dlogit = None
     if logit_scale is None:
@@ -261,7 +274,9 @@ def window_attention_forward(qkv: Tensor, pad_qkv: Optional[Tensor], rel_pos_bia
 
     Differentiable by torch autograd (the tests' oracle for the explicit backward).
     """
-    b, h, w, _ = qkv.shape
+    b, h, w, c3 = qkv.shape
+    if qkv.numel() == 0:  # an empty batch or map: nothing to attend
+        return qkv.new_zeros(b, h, w, c3 // 3), qkv.new_zeros(b, h, w, num_heads, dtype=acc_dtype(qkv.dtype))
     q, k, v, hp, wp = _windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     bias = dense_bias(rel_pos_bias, window, num_heads)
     mask = _window_mask(hp, wp, window, shift, qkv.device, acc_dtype(qkv.dtype))
@@ -281,12 +296,15 @@ def window_attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: T
     cropped, so its rows contribute nothing: only the real rows' ``out`` and ``lse`` are needed.
     """
     b, h, w, c3 = qkv.shape
+    if qkv.numel() == 0:
+        zeros = (lambda t: None if t is None else torch.zeros_like(t))
+        return torch.zeros_like(qkv), zeros(pad_qkv), zeros(rel_pos_bias), zeros(logit_scale)
     q, k, v, hp, wp = _windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     acc = acc_dtype(qkv.dtype)
     # Padded query rows: zero incoming gradient and lse = +inf, so that their p and ds rows are 0.
     def as_windows(t: Tensor, fill: Optional[Tensor] = None) -> Tensor:
         t = window_partition(shift_and_pad(t, window, shift, fill), window)
-        return t.view(q.shape[0], q.shape[2], num_heads, -1).transpose(1, 2)
+        return t.view(q.shape[0], q.shape[2], num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
     do = as_windows(grad_out.to(acc))
     o = as_windows(out.to(acc))
