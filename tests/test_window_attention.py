@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import vlm_kernels as vk
-from vlm_kernels import _backend
 from vlm_kernels.nn import SwinTransformerBlock, SwinTransformerV2Block, WindowAttention, WindowAttentionV2
 from vlm_kernels.ops import window_attention as wa_ops
 from vlm_kernels.ops.window_attention import window_attention, windowed_attention
@@ -89,10 +88,11 @@ def _rel_err(g, exact):
     return ((g.double() - exact).abs().max() / (exact.abs().max() + 1e-30)).item()
 
 
-def _check_block_against_timm(ours, theirs, x, backend, factor=4.0, floor=1e-5):
+def _check_block_against_timm(ours, theirs, x, backend, factor=4.0, floor=5e-5):
     """Forward close to timm's; every gradient's error against a float64 timm at most ``factor`` times
-    timm's own float32 error (plus a float32-level floor): reductions over ~1e5 terms (bias table,
-    logit scale) differ by rounding order, so a direct float32-vs-float32 comparison would be noise."""
+    timm's own float32 error, plus a floor: the logit-scale and bias gradients are cancelling sums of
+    ~1e5 float32 terms whose error (~sqrt(n) * 6e-8, varying with the reduction order from run to run)
+    timm sometimes happens to undercut. Semantics are pinned in float64 by the exact test below."""
     exact64 = copy.deepcopy(theirs).double()
     y_exact, g_exact = _grads(exact64, x.double())
     y_theirs, g_theirs = _grads(theirs, x)
@@ -190,11 +190,11 @@ def test_low_precision_error_bounded_by_torch_own_error(backend):
     for dtype in (torch.float16, torch.bfloat16):
         low = [t.to(dtype) for t in (qkv, table, pad)]
         # PyTorch's own: the unfused steps computed in `dtype` (timm's eager block at that precision).
-        q, k, v, hp, wp = ref._windows_qkv(low[0], low[2], heads, (7, 7), (3, 3))
+        q, k, v, hp, wp = ref.windows_qkv(low[0], low[2], heads, (7, 7), (3, 3))
         s = (q * d ** -0.5) @ k.transpose(-2, -1) + ref.dense_bias(low[1], (7, 7), heads)
         s = s.view(b, -1, heads, 49, 49) + ref.shift_mask(hp, wp, (7, 7), (3, 3), dtype=dtype)[None, :, None]
         o = torch.softmax(s.view(-1, heads, 49, 49), -1) @ v
-        torch_own = ref._heads_to_map(o, b, (7, 7), h, w, hp, wp, (3, 3))
+        torch_own = ref.heads_to_map(o, (7, 7), h, w, hp, wp, (3, 3))
         with vk.use_backend(backend):
             ours = window_attention(low[0], rel_pos_bias=low[1], pad_qkv=low[2], **args)
         assert ours.dtype == dtype
@@ -269,26 +269,44 @@ def test_logit_scale_gradient_is_zero_above_the_clamp():
     assert g.view(-1)[0] != 0 and g.view(-1)[1] == 0
 
 
+def _assert_same_grads(names, got, expect, tol):
+    for name, a, b in zip(names, got, expect):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1), msg=lambda m: f"{name}: {m}")
+
+
 def test_explicit_backward_matches_autograd_of_reference(backend):
-    """The backward op (dqkv, dpad, dtable, dlogit_scale) against autograd through the plain reference."""
+    """The backward ops (dqkv, dpad, dtable/dbias, dlogit_scale; dq, dk, dv, ...) element-wise against
+    autograd through the plain reference forward."""
     dtype, tol = torch.float32, 1e-4
     heads, window, qkv, table, dense, pad, logit_scale = _small_inputs(dtype, seed=3)
-    if True:
-        for bias, ls in ((table, None), (dense, logit_scale)):
-            leaves = [t.clone().requires_grad_(True) for t in (qkv, bias, pad)] + \
-                     ([] if ls is None else [ls.clone().requires_grad_(True)])
-            ls_leaf = leaves[3] if ls is not None else None
-            expect = ref.window_attention(leaves[0], heads, window, (1, 2), leaves[1], None, leaves[2], ls_leaf)
-            dy = torch.randn(expect.shape, generator=_gen(11), dtype=dtype)
-            g_expect = torch.autograd.grad(expect, leaves, dy)
-            with vk.use_backend(backend):
-                got = window_attention(leaves[0], num_heads=heads, window_size=window, shift_size=(1, 2),
-                                       rel_pos_bias=leaves[1], pad_qkv=leaves[2], logit_scale=ls_leaf)
-                g_got = torch.autograd.grad(got, leaves, dy)
-            torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
-            for name, a, b in zip(("qkv", "bias", "pad_qkv", "logit_scale"), g_got, g_expect):
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1),
-                                           msg=lambda m: f"{name}: {m}")
+    for bias, ls in ((table, None), (dense, logit_scale)):
+        leaves = [t.clone().requires_grad_(True) for t in (qkv, bias, pad) + (() if ls is None else (ls,))]
+        ls_leaf = leaves[3] if ls is not None else None
+        expect = ref.window_attention(leaves[0], heads, window, (1, 2), leaves[1], None, leaves[2], ls_leaf)
+        dy = torch.randn(expect.shape, generator=_gen(11), dtype=dtype)
+        g_expect = torch.autograd.grad(expect, leaves, dy)
+        with vk.use_backend(backend):
+            got = window_attention(leaves[0], num_heads=heads, window_size=window, shift_size=(1, 2),
+                                   rel_pos_bias=leaves[1], pad_qkv=leaves[2], logit_scale=ls_leaf)
+            g_got = torch.autograd.grad(got, leaves, dy)
+        torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
+        _assert_same_grads(("qkv", "bias", "pad_qkv", "logit_scale"), g_got, g_expect, tol)
+
+    mask = ref.shift_mask(6, 8, window, (1, 2))
+    qkv_w = [torch.randn(8, heads, 12, 4, generator=_gen(30 + i)) for i in range(3)]
+    for bias, m, ls in ((dense, mask, None), (dense, None, logit_scale), (None, mask[:2], logit_scale)):
+        extra = [t for t in (bias, ls) if t is not None]
+        leaves = [t.clone().requires_grad_(True) for t in qkv_w + extra]
+        b_leaf = leaves[3] if bias is not None else None
+        ls_leaf = leaves[-1] if ls is not None else None
+        expect = ref.windowed_attention(*leaves[:3], b_leaf, m, None, ls_leaf)
+        dy = torch.randn(expect.shape, generator=_gen(12), dtype=dtype)
+        g_expect = torch.autograd.grad(expect, leaves, dy)
+        with vk.use_backend(backend):
+            got = windowed_attention(*leaves[:3], bias=b_leaf, mask=m, logit_scale=ls_leaf)
+            g_got = torch.autograd.grad(got, leaves, dy)
+        torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
+        _assert_same_grads(("q", "k", "v", "bias/logit_scale", "logit_scale"), g_got, g_expect, tol)
 
 
 def test_opcheck_every_op():
@@ -305,7 +323,8 @@ def test_opcheck_every_op():
                                scale))
     q, k, v = (torch.randn(6, heads, 12, 4, generator=_gen(i)).requires_grad_(True) for i in range(3))
     mask = ref.shift_mask(6, 8, window, (1, 2))
-    for bias, m, ls, scale in ((dense, mask[:3], None, 0.5), (None, None, logit_scale, 1.0), (None, mask[:2], None, 0.2)):
+    cases = ((dense, mask[:3], None, 0.5), (None, None, logit_scale, 1.0), (None, mask[:2], None, 0.2))
+    for bias, m, ls, scale in cases:
         torch.library.opcheck(ops.windowed_attention_forward.default, (q, k, v, bias, m, ls, scale))
         out, lse = ops.windowed_attention_forward(q.detach(), k.detach(), v.detach(), bias, m, ls, scale)
         torch.library.opcheck(ops.windowed_attention_backward.default,
@@ -488,7 +507,8 @@ def test_bad_window_and_shift():
 
 def test_bad_bias_pad_and_logit_scale():
     qkv = torch.ones(1, 7, 7, 24)
-    with pytest.raises(ValueError, match=r"rel_pos_bias must be a bias table of shape \(169, 2\).*\(2, 49, 49\).*\(169, 3\)"):
+    expect = r"rel_pos_bias must be a bias table of shape \(169, 2\).*\(2, 49, 49\).*\(169, 3\)"
+    with pytest.raises(ValueError, match=expect):
         window_attention(qkv, num_heads=2, window_size=7, rel_pos_bias=torch.zeros(169, 3))
     with pytest.raises(ValueError, match=r"rel_pos_bias.*\(2, 48, 48\)"):
         window_attention(qkv, num_heads=2, window_size=7, rel_pos_bias=torch.zeros(2, 48, 48))

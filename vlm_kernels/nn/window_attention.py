@@ -201,7 +201,8 @@ class WindowAttention(nn.Module):
         head_dim = head_dim or dim // num_heads
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.empty((2 * win_h - 1) * (2 * win_w - 1), num_heads, **dd))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.empty((2 * win_h - 1) * (2 * win_w - 1), num_heads, **dd))
         self.register_buffer("relative_position_index",
                              torch.empty(win_h * win_w, win_h * win_w, device=device, dtype=torch.long),
                              persistent=False)

@@ -137,7 +137,8 @@ def _wd_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: O
 
 @_wd_forward.register_fake
 def _(q, k, v, bias, mask, logit_scale, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("vlm_kernels::windowed_attention_backward", mutates_args=())

@@ -243,7 +243,7 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
 # The fused op's semantics on the (B, H, W, 3C) map
 
 
-def _windows_qkv(qkv: Tensor, pad_qkv: Optional[Tensor], num_heads: int, window: Sequence[int],
+def windows_qkv(qkv: Tensor, pad_qkv: Optional[Tensor], num_heads: int, window: Sequence[int],
                  shift: Sequence[int]):
     """Steps 1-3: q, k, v as (B*nW, heads, N, d)."""
     b, h, w, c3 = qkv.shape
@@ -259,7 +259,7 @@ def _window_mask(hp: int, wp: int, window: Sequence[int], shift: Sequence[int], 
     return shift_mask(hp, wp, window, shift, device, dtype) if any(shift) else None
 
 
-def _heads_to_map(t: Tensor, b: int, window: Sequence[int], h: int, w: int, hp: int, wp: int,
+def heads_to_map(t: Tensor, window: Sequence[int], h: int, w: int, hp: int, wp: int,
                   shift: Sequence[int]) -> Tensor:
     """(B*nW, heads, N, d) -> (B, H, W, heads*d) in the unshifted layout (step 7)."""
     bw, heads, n, d = t.shape
@@ -277,12 +277,12 @@ def window_attention_forward(qkv: Tensor, pad_qkv: Optional[Tensor], rel_pos_bia
     b, h, w, c3 = qkv.shape
     if qkv.numel() == 0:  # an empty batch or map: nothing to attend
         return qkv.new_zeros(b, h, w, c3 // 3), qkv.new_zeros(b, h, w, num_heads, dtype=acc_dtype(qkv.dtype))
-    q, k, v, hp, wp = _windows_qkv(qkv, pad_qkv, num_heads, window, shift)
+    q, k, v, hp, wp = windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     bias = dense_bias(rel_pos_bias, window, num_heads)
     mask = _window_mask(hp, wp, window, shift, qkv.device, acc_dtype(qkv.dtype))
     out, lse = windowed_attention_forward(q, k, v, bias, mask, scale, logit_scale, dropout_p)
-    out = _heads_to_map(out, b, window, h, w, hp, wp, shift)
-    lse = _heads_to_map(lse.unsqueeze(-1), b, window, h, w, hp, wp, shift)
+    out = heads_to_map(out, window, h, w, hp, wp, shift)
+    lse = heads_to_map(lse.unsqueeze(-1), window, h, w, hp, wp, shift)
     return out.contiguous(), lse.contiguous()
 
 
@@ -299,7 +299,7 @@ def window_attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: T
     if qkv.numel() == 0:
         zeros = (lambda t: None if t is None else torch.zeros_like(t))
         return torch.zeros_like(qkv), zeros(pad_qkv), zeros(rel_pos_bias), zeros(logit_scale)
-    q, k, v, hp, wp = _windows_qkv(qkv, pad_qkv, num_heads, window, shift)
+    q, k, v, hp, wp = windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     acc = acc_dtype(qkv.dtype)
     # Padded query rows: zero incoming gradient and lse = +inf, so that their p and ds rows are 0.
     def as_windows(t: Tensor, fill: Optional[Tensor] = None) -> Tensor:
