@@ -117,6 +117,8 @@ BLOCK_CASES = [
     pytest.param(13, 17, 7, 3, 32, 4, 2, id="13x17-w7-shift3-pad"),
     pytest.param(13, 17, (4, 6), (2, 3), 24, 3, 2, id="13x17-w4x6-shift2x3"),
     pytest.param(12, 16, 8, 4, 32, 2, 1, id="12x16-w8-shift4-pad"),
+    pytest.param(24, 24, 12, 6, 64, 2, 1, id="24x24-w12-shift6"),
+    pytest.param(32, 20, 16, 8, 256, 2, 1, id="32x20-w16-shift8-pad-d128"),
 ]
 
 
@@ -139,6 +141,31 @@ def test_window_larger_than_map_matches_timm(backend, version, h, w):
         assert ours.window_size == theirs.window_size and ours.shift_size == theirs.shift_size
         x = torch.randn(2, h, w, 16, generator=_gen(2))
         _check_block_against_timm(ours, theirs, x, backend)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_block_without_qkv_bias_or_with_head_dim_matches_timm(backend, version):
+    """No qkv bias: padded tokens' qkv are zeros (pad_qkv=None). v1's head_dim: attention width != dim."""
+    cls = timm_v1.SwinTransformerBlock if version == 1 else timm_v2.SwinTransformerV2Block
+    kwargs = dict(dim=32, input_resolution=(13, 17), num_heads=2, window_size=7, shift_size=3, qkv_bias=False)
+    variants = [kwargs] + ([dict(kwargs, qkv_bias=True, head_dim=12)] if version == 1 else [])
+    for kw in variants:
+        theirs = cls(**kw).eval()
+        _randomize_(theirs)
+        ours = (SwinTransformerBlock if version == 1 else SwinTransformerV2Block).from_timm(copy.deepcopy(theirs))
+        _check_block_against_timm(ours, theirs, torch.randn(2, 13, 17, 32, generator=_gen(16)), backend)
+
+
+def test_block_under_cpu_autocast_bfloat16(backend):
+    blk = SwinTransformerBlock(32, (13, 17), num_heads=2, window_size=7, shift_size=3).eval()
+    _randomize_(blk)
+    x = torch.randn(2, 13, 17, 32, generator=_gen(17))
+    with vk.use_backend(backend):
+        expect = blk(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = blk(x)
+            assert blk.attn.forward_map(x, blk.shift_size).dtype == torch.bfloat16  # the op ran in bf16
+    torch.testing.assert_close(got.float(), expect, rtol=0.05, atol=0.1)
 
 
 def test_block_matches_timm_float64_exactly():
