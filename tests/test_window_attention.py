@@ -201,6 +201,26 @@ def test_window_attention_module_matches_timm_on_windows(backend, version):
         _check_block_against_timm(_WithMask(ours_attn, mask), _WithMask(blk.attn, mask), x, backend)
 
 
+def test_index_and_mask_helpers_match_timm_and_the_coordinate_rule():
+    """The reference's relative index and -100 mask are timm's; the mask equals the rule the kernels use:
+    tokens i, j of a window are masked iff (yi >= Hp - sh) != (yj >= Hp - sh) or (xi >= Wp - sw) != (xj >= Wp - sw),
+    in padded shifted coordinates."""
+    for window in ((7, 7), (4, 6), (8, 8), (1, 3)):
+        torch.testing.assert_close(ref.relative_position_index(*window), timm_v1.get_relative_position_index(*window))
+    for (h, w), window, shift in (((13, 17), (7, 7), (3, 3)), ((20, 20), (7, 7), (3, 3)), ((13, 17), (4, 6), (2, 3)),
+                                  ((9, 9), (7, 7), (0, 3)), ((5, 5), (7, 7), (3, 3)), ((16, 16), (8, 8), (4, 4))):
+        blk = timm_v1.SwinTransformerBlock(8, (h, w), num_heads=1, window_size=window, shift_size=shift,
+                                           always_partition=True)
+        hp, wp = ref.padded_size(h, w, window)
+        mask = ref.shift_mask(hp, wp, window, shift)
+        torch.testing.assert_close(mask, blk.attn_mask)
+        ys, xs = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+        flags = torch.stack((ys >= hp - shift[0], xs >= wp - shift[1]), -1).to(torch.int64)  # Hp, Wp, 2
+        flags = ref.window_partition(flags[None], window)  # nW, N, 2
+        differ = (flags[:, :, None, :] != flags[:, None, :, :]).any(-1)
+        torch.testing.assert_close(mask, torch.where(differ, -100.0, 0.0))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Low precision
 
@@ -467,6 +487,24 @@ def test_patched_swin_v2_matches_timm():
     patched = patch(copy.deepcopy(theirs))
     assert sum(isinstance(m, SwinTransformerV2Block) for m in patched.modules()) == 4
     _compare_models(theirs, patched, torch.randn(2, 3, 52, 68, generator=_gen(15)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:timm.layers.interpolate")  # timm's own resize helper
+@pytest.mark.parametrize("cls", [timm_v1.SwinTransformer, timm_v2.SwinTransformerV2])
+def test_patched_model_set_input_size_matches_timm(cls):
+    from vlm_kernels.integrations.timm import patch
+
+    torch.manual_seed(0)
+    theirs = cls(img_size=64, patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                 num_classes=10).eval()
+    for blk in theirs.modules():
+        if isinstance(blk, (timm_v1.SwinTransformerBlock, timm_v2.SwinTransformerV2Block)):
+            _randomize_(blk)
+    patched = patch(copy.deepcopy(theirs))
+    for model in (theirs, patched):
+        model.set_input_size(img_size=(96, 80), window_size=6)  # 24x20 and 12x10 maps, window 6, shift 3
+    x = torch.randn(1, 3, 96, 80, generator=_gen(18))
+    torch.testing.assert_close(patched(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 def test_patch_rejects_models_without_swin():
