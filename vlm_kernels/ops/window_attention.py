@@ -19,6 +19,25 @@ padded token's qkv is the projection's bias, and padded tokens take part in atte
 therefore takes ``pad_qkv`` (3C,): the qkv of a padded token, i.e. the qkv projection's bias
 (``attn.qkv.bias`` in v1, ``cat(q_bias, k_bias, v_bias)`` in v2; None when the projection has no
 bias, meaning zeros). Its gradient is the sum of the padded tokens' qkv gradients.
+
+Backend contract (``TABLE`` entries; tensors arrive contiguous, checked, all of qkv's dtype/device;
+``window`` and ``shift`` are (int, int) tuples; absent optional tensors are None):
+
+* ``forward(qkv, pad_qkv, rel_pos_bias, logit_scale, num_heads, window, shift, scale)`` ->
+  ``(out (B, H, W, C) in qkv's dtype, lse (B, H, W, heads) float32/float64)``; ``rel_pos_bias`` is a
+  table ((2Mh-1)(2Mw-1), heads) when 2-D, dense (heads, N, N) when 3-D; cosine attention iff
+  ``logit_scale`` is not None (then ``scale`` is 1.0 and unused).
+* ``backward(grad_out, qkv, out, lse, pad_qkv, rel_pos_bias, logit_scale, num_heads, window, shift,
+  scale)`` -> ``(dqkv, dpad_qkv, drel_pos_bias, dlogit_scale)``, each shaped as its input, None for
+  an absent input. Only the real (unpadded) query rows carry gradient.
+* ``windowed_forward(q, k, v, bias, mask, scale, logit_scale)`` -> ``(out, lse (B*nW, heads, N))``.
+* ``windowed_backward(grad_out, q, k, v, out, lse, bias, mask, scale, logit_scale)`` ->
+  ``(dq, dk, dv, dbias, dlogit_scale)`` (the mask takes no gradient).
+
+``lse`` is the row log-sum-exp; the mask is -100 (not -inf) on masked pairs, as in timm. The
+logit-scale gradient is a cancelling sum over every (window, query, key): build ``ds`` so that its
+rows sum to zero to rounding (``D = rowsum(p * dp)`` from the same ``p``), or its float32 error grows
+~10x beyond autograd's (see the reference backward).
 """
 
 from __future__ import annotations
@@ -92,7 +111,9 @@ def _wa_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, pad_qk
     dqkv, dpad, dbias, dlogit = _run("backward", contiguous(grad_out).to(qkv.dtype), contiguous(qkv), contiguous(out),
                                      contiguous(lse), _opt(pad_qkv), _opt(rel_pos_bias), _opt(logit_scale),
                                      num_heads, tuple(window_size), tuple(shift_size), scale)
-    return dqkv, _or_empty(dpad, qkv), _or_empty(dbias, qkv), _or_empty(dlogit, qkv)
+    cast = (lambda g, like: None if g is None else g.to(like.dtype))
+    return (dqkv.to(qkv.dtype), _or_empty(cast(dpad, pad_qkv), qkv), _or_empty(cast(dbias, rel_pos_bias), qkv),
+            _or_empty(cast(dlogit, logit_scale), qkv))
 
 
 @_wa_backward.register_fake

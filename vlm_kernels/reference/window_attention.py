@@ -202,11 +202,13 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
                                 logit_scale: Optional[Tensor]):
     """(dq, dk, dv, dbias (heads, N, N) or None, dlogit_scale (logit_scale's shape) or None).
 
-    ``p = exp(s - lse)``; ``dv = p^T do``; ``ds = p (do v^T - rowsum(do * o))``; ``dbias = sum_windows ds``;
-    v1: ``dq = scale ds k``, ``dk = scale ds^T q``; v2: through the logit scale and the normalisation.
+    ``p = exp(s - lse)`` (renormalised); ``dv = p^T do``; ``dp = do v^T``; ``ds = p (dp - rowsum(p dp))``
+    (``rowsum(p dp) = rowsum(do * out)``, the form a fused kernel uses; ``out`` is part of the contract
+    for that reason and unused here); ``dbias = sum_windows ds``; v1: ``dq = scale ds k``,
+    ``dk = scale ds^T q``; v2: through the clamped logit scale and the normalisation.
     """
     acc = acc_dtype(q.dtype)
-    q, k, v, do, o = (t.to(acc) for t in (q, k, v, grad_out, out))
+    q, k, v, do = (t.to(acc) for t in (q, k, v, grad_out))
     cast = (lambda t: None if t is None else t.to(acc))
     s = _logits(q, k, cast(bias), cast(mask), scale, cast(logit_scale))
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
