@@ -150,6 +150,39 @@ def test_near_duplicate_codes_overflow_the_candidates(cpu_backend):
     assert_matches_oracle(cpu_backend, x, e)
 
 
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cpu_tile_precisions(monkeypatch, tiles, metric):
+    """The CPU kernel's float32 and bf16 GEMM tiles give the same (exact) answer, offset data included."""
+    if vk._backend.device_reason("cpu", torch.device("cpu")):
+        pytest.skip("the cpu backend is not built")
+    monkeypatch.setenv("VLM_KERNELS_VQ_CPU_TILES", tiles)
+    g = torch.Generator().manual_seed(13)
+    for offset in (0.0, 300.0):
+        x = torch.randn(600, 96, generator=g) + offset
+        e = torch.randn(2500, 96, generator=g) + offset
+        assert_matches_oracle("cpu", x, e, metric=metric)
+
+
+def test_cpu_bf16_window_overflow_is_redone_in_fp32(monkeypatch):
+    """All codes sit within the bf16 tiles' error window but are far apart for fp32 tiles: every row
+    overflows its bf16 candidates and must be redone, and still find the exact code."""
+    if vk._backend.device_reason("cpu", torch.device("cpu")):
+        pytest.skip("the cpu backend is not built")
+    monkeypatch.setenv("VLM_KERNELS_VQ_CPU_TILES", "bf16")
+    g = torch.Generator().manual_seed(14)
+    d, k, r = 64, 100, 4.0
+    axis = torch.zeros(d)
+    axis[0] = 1.0
+    v = torch.randn(k, d, generator=g)
+    v[:, 0] = 0.0
+    v = v / v.norm(dim=1, keepdim=True) * (r * torch.sqrt(1 + 0.002 * torch.randperm(k, generator=g).float()))[:, None]
+    e = v + 3.0 * axis
+    x = (3.0 + r) * axis + 1e-3 * torch.randn(50, d, generator=g)
+    x[:, 0] = 3.0 + r
+    assert_matches_oracle("cpu", x, e)
+
+
 def test_non_finite_rows_and_codes(cpu_backend):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(20, 8, generator=g)

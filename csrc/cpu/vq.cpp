@@ -15,8 +15,11 @@
 // the best (lowest index on ties) wins. A row with more than kMaxCandidates codes within `tol` (a
 // codebook of near-duplicates) falls back to an exact scan of the whole codebook. Exact duplicate codes
 // are dropped up front: the lowest index of a set of equal rows is the only one that can win.
-// No N x K matrix exists at any time: extra memory is the prepared codebook (K x D in the tile type)
-// plus kRowBlock x (D + kCodeTile) per thread.
+// Where the CPU has AVX512-BF16 the float32 tiles are bf16 GEMMs (twice the rate): the rounding bound
+// grows by 3 x 2^-8 |x_c| max|e_c|, which only widens the candidate window, and the rows whose window
+// overflows are redone with float32 tiles before the exact re-score (use_bf16_tiles below).
+// No N x K matrix exists at any time: extra memory is the prepared codebook (K x D in float32, plus a
+// bf16 copy) and kRowBlock x (D + kCodeTile) per thread.
 //
 // Code statistics. counts by one sequential pass over the indices; sums accumulated in float64, rows
 // in increasing order, threads splitting the D columns (so no two threads touch the same accumulator
@@ -29,10 +32,12 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -229,16 +234,17 @@ struct RowState {
   }
 };
 
-// Scans one row of a score tile: s[j] = x_c . codes[k0 + j], score = penalty - factor * s.
-template <typename acc_t>
-void scan_tile_row(const acc_t* s, const acc_t* penalty, int64_t kb, int64_t k0, acc_t factor, RowState<acc_t>& st) {
+// Scans one row of a score tile: s[j] ~ x_c . codes[k0 + j], score = penalty - factor * s (in acc_t).
+template <typename acc_t, typename tile_t>
+void scan_tile_row_generic(const tile_t* s, const acc_t* penalty, int64_t kb, int64_t k0, acc_t factor,
+                           RowState<acc_t>& st) {
   constexpr int64_t W = 16;
   acc_t chunk[W];
   for (int64_t j0 = 0; j0 < kb; j0 += W) {
     const int64_t w = std::min(W, kb - j0);
     acc_t lo = std::numeric_limits<acc_t>::infinity();
     for (int64_t l = 0; l < w; ++l) {
-      chunk[l] = penalty[j0 + l] - factor * s[j0 + l];
+      chunk[l] = penalty[j0 + l] - factor * static_cast<acc_t>(s[j0 + l]);
       lo = chunk[l] < lo ? chunk[l] : lo;
     }
     if (lo < st.best) st.best = lo;
@@ -249,16 +255,26 @@ void scan_tile_row(const acc_t* s, const acc_t* penalty, int64_t kb, int64_t k0,
   }
 }
 
+template <typename acc_t, typename tile_t>
+void scan_tile_row(const tile_t* s, const acc_t* penalty, int64_t kb, int64_t k0, acc_t factor, RowState<acc_t>& st) {
+  scan_tile_row_generic(s, penalty, kb, k0, factor, st);
+}
+
 #if VLM_VQ_AVX512
-template <>
-void scan_tile_row<float>(const float* s, const float* penalty, int64_t kb, int64_t k0, float factor,
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename tile_t>
+void scan_tile_row_avx512(const tile_t* s, const float* penalty, int64_t kb, int64_t k0, float factor,
                           RowState<float>& st) {
   const __m512 f = _mm512_set1_ps(factor);
   int64_t j0 = 0;
   for (; j0 + 16 <= kb; j0 += 16) {
-    // score = penalty - factor * s, rounded once per operation (no FMA: the error bound assumes it
-    // is at most as large as this).
-    const __m512 score = _mm512_sub_ps(_mm512_loadu_ps(penalty + j0), _mm512_mul_ps(f, _mm512_loadu_ps(s + j0)));
+    // score = penalty - factor * s, one rounding per operation (no FMA), as the error bound assumes.
+    const __m512 score = _mm512_sub_ps(_mm512_loadu_ps(penalty + j0), _mm512_mul_ps(f, load16(s + j0)));
     const float lo = _mm512_reduce_min_ps(score);
     if (lo < st.best) st.best = lo;
     const float limit = st.best + st.tol;
@@ -272,24 +288,37 @@ void scan_tile_row<float>(const float* s, const float* penalty, int64_t kb, int6
       st.push(v[l], k0 + j0 + l);
     }
   }
-  if (j0 < kb) {
-    // The tail: the generic loop on the last (< 16) codes.
-    constexpr int64_t W = 16;
-    float chunk[W];
-    const int64_t w = kb - j0;
-    float lo = std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < w; ++l) {
-      chunk[l] = penalty[j0 + l] - factor * s[j0 + l];
-      lo = chunk[l] < lo ? chunk[l] : lo;
-    }
-    if (lo < st.best) st.best = lo;
-    const float limit = st.best + st.tol;
-    if (lo <= limit && !st.overflow)
-      for (int64_t l = 0; l < w; ++l)
-        if (chunk[l] <= limit) st.push(chunk[l], k0 + j0 + l);
-  }
+  if (j0 < kb) scan_tile_row_generic<float, tile_t>(s + j0, penalty + j0, kb - j0, k0 + j0, factor, st);
+}
+
+template <>
+void scan_tile_row<float, float>(const float* s, const float* penalty, int64_t kb, int64_t k0, float factor,
+                                 RowState<float>& st) {
+  scan_tile_row_avx512(s, penalty, kb, k0, factor, st);
+}
+
+template <>
+void scan_tile_row<float, c10::BFloat16>(const c10::BFloat16* s, const float* penalty, int64_t kb, int64_t k0,
+                                         float factor, RowState<float>& st) {
+  scan_tile_row_avx512(s, penalty, kb, k0, factor, st);
 }
 #endif
+
+// Which GEMM precision the float32 tiles use. bf16 tiles (inputs rounded to bfloat16, float32
+// accumulation, bfloat16 scores) run twice as fast where the CPU has AVX512-BF16; their larger error
+// only widens the candidate window, and the rows whose window holds too many codes are redone with
+// float32 tiles, so the answer is the same. VLM_KERNELS_VQ_CPU_TILES=fp32|bf16 overrides the choice.
+bool use_bf16_tiles() {
+  const char* env = std::getenv("VLM_KERNELS_VQ_CPU_TILES");
+  if (env != nullptr && std::strcmp(env, "fp32") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "bf16") == 0) return true;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool native = __builtin_cpu_supports("avx512bf16");
+  return native;
+#else
+  return false;
+#endif
+}
 
 // Exact float64 scores of one row against code k (from the original values).
 template <typename scalar_t>
@@ -325,6 +354,23 @@ double exact_dot(const double* xr, const scalar_t* e, int64_t D) {
   return (a0 + a1) + (a2 + a3);
 }
 
+
+// One block of rows: their centred rows (acc_t, row-major, D columns), the tiles' GEMM and scans.
+template <typename acc_t, typename tile_t>
+void scan_block(const tile_t* rows, int64_t mb, const at::Tensor& codes, const std::vector<acc_t>& penalty,
+                acc_t factor, const std::vector<uint8_t>& skip, std::vector<tile_t>& tile,
+                std::vector<RowState<acc_t>>& state) {
+  const int64_t K = codes.size(0), D = codes.size(1);
+  const at::Tensor a = at::from_blob(const_cast<tile_t*>(rows), {mb, D}, codes.options());
+  for (int64_t k0 = 0; k0 < K; k0 += kCodeTile) {
+    const int64_t kb = std::min(kCodeTile, K - k0);
+    at::Tensor scores = at::from_blob(tile.data(), {mb, kb}, codes.options());
+    at::mm_out(scores, a, codes.narrow(0, k0, kb).t());
+    for (int64_t i = 0; i < mb; ++i)
+      if (!skip[i]) scan_tile_row<acc_t, tile_t>(tile.data() + i * kb, penalty.data() + k0, kb, k0, factor, state[i]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void nearest_impl(const at::Tensor& x, const at::Tensor& codebook, const Rows& rv, Metric metric, int64_t* out_index,
                   float* out_dist) {
@@ -334,19 +380,36 @@ void nearest_impl(const at::Tensor& x, const at::Tensor& codebook, const Rows& r
   const scalar_t* ep = codebook.const_data_ptr<scalar_t>();
   const acc_t factor = metric == Metric::L2 ? acc_t(2) : acc_t(1);
   const double u = unit_roundoff<acc_t>();
+  // bf16 tiles: inputs rounded (2 x 2^-8 relative per product), float32 sums, the score rounded to
+  // bf16 (2^-8 of |x_c . e_c|): |error of x_c . e_c| <= (3 * 2^-8 + (D + 8) 2^-24) |x_c| |e_c|.
+  const bool bf16 = std::is_same<acc_t, float>::value && use_bf16_tiles();
+  const double gamma_bf16 = 3 * 0x1p-8 + (D + 8) * 0x1p-24;
+  const at::Tensor codes_bf16 = bf16 ? cb.codes.to(at::kBFloat16) : at::Tensor();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  const auto acc_options = cb.codes.options();
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> xc(static_cast<size_t>(kRowBlock) * D);
     std::vector<acc_t> tile(static_cast<size_t>(kRowBlock) * std::min(kCodeTile, K));
-    std::vector<RowState<acc_t>> state(kRowBlock);
-    std::vector<uint8_t> bad(kRowBlock);
+    std::vector<c10::BFloat16> xc16(bf16 ? static_cast<size_t>(kRowBlock) * D : 0);
+    std::vector<c10::BFloat16> tile16(bf16 ? static_cast<size_t>(kRowBlock) * std::min(kCodeTile, K) : 0);
+    std::vector<RowState<acc_t>> state(kRowBlock), redo_state;
+    std::vector<uint8_t> bad(kRowBlock), none;
+    std::vector<double> norm(kRowBlock);
+    std::vector<int64_t> redo;
     std::vector<double> xr(D);
+    // Twice the bound on |score error| of a row of norm xn with tiles of type T (see the file header):
+    // (D + 8) u covers a float32/float64 dot product in any order plus the centring, norm and score
+    // roundings; bf16 tiles add gamma_bf16 |x_c| max|e_c| per product.
+    auto tolerance = [&](double xn, bool with_bf16) {
+      const double m = cb.max_norm;
+      double bound = metric == Metric::L2 ? (D + 8) * u * (xn + m) * (xn + m) : (D + 8) * u * xn * (m + 1.0);
+      if (with_bf16) bound += double(factor) * gamma_bf16 * xn * m;
+      return static_cast<acc_t>(2.0 * bound);
+    };
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowBlock, mb = std::min(kRowBlock, N - r0);
-      // Gather, centre, check finiteness; the tolerance of each row.
+      // Gather, centre, check finiteness.
       for (int64_t i = 0; i < mb; ++i) {
         const int64_t base = rv.base(r0 + i);
         acc_t* row = xc.data() + i * D;
@@ -360,20 +423,30 @@ void nearest_impl(const at::Tensor& x, const at::Tensor& codebook, const Rows& r
         }
         bad[i] = !finite || !cb.any_finite;
         if (bad[i]) std::fill(row, row + D, acc_t(0));
-        const double xn = bad[i] ? 0.0 : std::sqrt(n2);
-        // Twice the bound on |score error|: (D + 8) u covers the dot product in any order plus the
-        // roundings of the centring, of the codes' norms and of the score itself.
-        const double bound = metric == Metric::L2 ? (D + 8) * u * (xn + cb.max_norm) * (xn + cb.max_norm)
-                                                  : (D + 8) * u * xn * (cb.max_norm + 1.0);
-        state[i].reset(static_cast<acc_t>(2.0 * bound));
+        norm[i] = bad[i] ? 0.0 : std::sqrt(n2);
+        state[i].reset(tolerance(norm[i], bf16));
       }
-      const at::Tensor a = at::from_blob(xc.data(), {mb, D}, acc_options);
-      for (int64_t k0 = 0; k0 < K; k0 += kCodeTile) {
-        const int64_t kb = std::min(kCodeTile, K - k0);
-        at::Tensor scores = at::from_blob(tile.data(), {mb, kb}, acc_options);
-        at::mm_out(scores, a, cb.codes.narrow(0, k0, kb).t());
+      if (bf16) {
+        for (int64_t j = 0; j < mb * D; ++j) xc16[j] = c10::BFloat16(static_cast<float>(xc[j]));
+        scan_block<acc_t, c10::BFloat16>(xc16.data(), mb, codes_bf16, cb.penalty, factor, bad, tile16, state);
+        // Rows whose bf16 window held too many codes: once more with float32 tiles.
+        redo.clear();
         for (int64_t i = 0; i < mb; ++i)
-          if (!bad[i]) scan_tile_row<acc_t>(tile.data() + i * kb, cb.penalty.data() + k0, kb, k0, factor, state[i]);
+          if (!bad[i] && state[i].overflow) redo.push_back(i);
+        if (!redo.empty()) {
+          const int64_t nr = static_cast<int64_t>(redo.size());
+          std::vector<acc_t> sub(static_cast<size_t>(nr) * D);
+          redo_state.resize(nr);
+          none.assign(nr, 0);
+          for (int64_t j = 0; j < nr; ++j) {
+            std::copy(xc.data() + redo[j] * D, xc.data() + (redo[j] + 1) * D, sub.data() + j * D);
+            redo_state[j].reset(tolerance(norm[redo[j]], false));
+          }
+          scan_block<acc_t, acc_t>(sub.data(), nr, cb.codes, cb.penalty, factor, none, tile, redo_state);
+          for (int64_t j = 0; j < nr; ++j) state[redo[j]] = redo_state[j];
+        }
+      } else {
+        scan_block<acc_t, acc_t>(xc.data(), mb, cb.codes, cb.penalty, factor, bad, tile, state);
       }
       // Exact re-score of the candidates (or of every usable code after an overflow).
       for (int64_t i = 0; i < mb; ++i) {
