@@ -5,7 +5,7 @@
 #   3. runs the GPU benchmarks (time, peak memory, ratios vs peers, fraction of copy bandwidth),
 # and writes everything (device, versions, logs, every number) under $OUT (default benchmarks/out/gpu).
 # Usage on the device machine, from the repository root:  bash benchmarks/gpu_check.sh [--quick]
-# Commit the resulting bench_cuda*.json as benchmarks/results/<date>_<device>_gumbel.json.
+# Commit the resulting bench_cuda*.json (and the logs) as benchmarks/results/<date>_<device>_<ops>.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}

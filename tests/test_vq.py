@@ -480,6 +480,42 @@ def test_op_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------------
+# GPU (run by benchmarks/gpu_check.sh on a lent GPU; skipped here).
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_nearest_matches_float64(metric, dtype):
+    g = torch.Generator().manual_seed(20)
+    for n, d, k, offset in [(1000, 64, 1000, 0.0), (4099, 256, 8192, 0.0), (777, 257, 1000, 1000.0), (300, 3, 1, 0.0)]:
+        x = (torch.randn(n, d, generator=g) + offset).to(dtype)
+        e = (torch.randn(k, d, generator=g) + offset).to(dtype)
+        i, dist = vk.vq_nearest(x.cuda(), e.cuda(), metric=metric)
+        io, do = oracle(x, e, metric=metric)
+        assert torch.equal(i.cpu(), io), f"{(i.cpu() != io).sum()} indices differ (n={n}, d={d}, k={k})"
+        torch.testing.assert_close(dist.cpu(), do, rtol=2e-6, atol=1e-6 if metric == "cosine" else 0.0)
+
+
+@pytest.mark.cuda
+def test_gpu_channel_first_and_layer_step():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 64, 17, 19, generator=g)
+    e = torch.randn(512, 64, generator=g)
+    i1, _ = vk.vq_nearest(x.cuda(), e.cuda(), dim=1)
+    assert torch.equal(i1.cpu(), oracle(x, e, dim=1)[0])
+    layer = VectorQuantizer(64, 512, decay=0.9, accept_image_fmap=True, threshold_ema_dead_code=1.0).cuda()
+    xg = x.cuda().requires_grad_()
+    q, idx, loss = layer(xg)
+    (loss + q.sum()).backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    counts, sums = vk.vq_code_stats(x.cuda(), idx, 512, dim=1)
+    c_ref, s_ref = ref.vq_code_stats(x, idx.cpu(), 512, 1)
+    assert torch.equal(counts.cpu(), c_ref)
+    torch.testing.assert_close(sums.cpu(), s_ref, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Distributed: two gloo ranks with different data keep identical codebooks.
 
 
