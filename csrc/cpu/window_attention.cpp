@@ -1,0 +1,932 @@
+// CPU kernels of the shifted-window attention op family (Swin v1 / v2): the fused window_attention on
+// the (B, H, W, 3C) qkv map and windowed_attention on partitioned windows, forward and backward. The
+// math is vlm_kernels/reference/window_attention.py's.
+//
+// Work unit: one (window, head). at::parallel_for hands contiguous ranges of units (heads innermost, so
+// the heads of a window read the same token rows) to threads. A unit:
+//  1. gathers its N tokens' q, k, v (d channels each) into per-thread float32 (float64) buffers. For the
+//     fused op the cyclic shift, the padding and the partition are index arithmetic: token t of window
+//     (b, wy, wx) sits at (ys, xs) = (wy Mh + t / Mw, wx Mw + t % Mw) of the padded shifted map, i.e. at
+//     ((ys + sh) mod H, (xs + sw) mod W) of the input when ys < H and xs < W, and is a padded token
+//     (qkv = pad_qkv) otherwise. v1 stores scale * q; v2 stores q / max(|q|, eps) and k likewise;
+//  2. S = Q K^T (N x N, one small GEMM), then per row: v2's clamped logit multiplier, + the bias row (the
+//     table is gathered once per call into a dense (heads, N, N) copy), + timm's -100 mask where the two
+//     tokens' region labels differ (label = [ys >= Hp - sh] * 2 + [xs >= Wp - sw]; only windows whose
+//     tokens have different labels pay for it), softmax in float32 (float64) with the row's lse;
+//  3. O = P V, written back at the tokens' unshifted positions (padded query rows are dropped).
+// The backward recomputes S and P the same way (bit-identical P, so its rows sum to one), then
+// dP = dO V^T, dS = P (dP - rowsum(P dP)), dV = P^T dO, dQ = dS K, dK = dS^T Q (v1: times scale; v2:
+// through the logit multiplier and the normalisation). dq, dk, dv of real tokens go to their unshifted
+// place in dqkv (every (token, head) belongs to exactly one unit: no two threads write the same place);
+// those of padded tokens, dS (the bias gradient) and v2's sum(dS * cos) are added into per-thread float64
+// accumulators, reduced in thread order at the end (the table gradient by relative index). Nothing of
+// size N x N exists per window beyond the unit's own S and dP buffers.
+//
+// The GEMMs are register-tiled AVX-512 kernels (float32 accumulate, up to 8 rows x 64 columns per tile)
+// on buffers padded to 16 columns; float64, and CPUs without AVX-512, use plain loops.
+#include "cpu/window_attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VLM_WA_AVX512 1
+#else
+#define VLM_WA_AVX512 0
+#endif
+
+namespace vlm {
+namespace {
+
+constexpr double kMaskValue = -100.0;  // timm's shifted-window mask value
+constexpr double kNormEps = 1e-12;     // F.normalize's eps
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(static_cast<std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(v));
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Small GEMM: C[m * ldc + n] = sum_{k < K} A[m * am + k * ak] * B[k * ldb + n], m < M, n < ncols.
+// A is read by (strided) broadcasts, so the same kernel serves A and A^T.
+
+template <typename T>
+void gemm_plain(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb,
+                T* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    std::fill(c, c + ncols, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[m * am + k * ak];
+      const T* b = B + k * ldb;
+      for (int64_t n = 0; n < ncols; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+#if VLM_WA_AVX512
+template <int R, int V>
+inline void gemm_tile(int64_t K, const float* A, int64_t am, int64_t ak, const float* B, int64_t ldb, float* C,
+                      int64_t ldc) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const float* a = A + k * ak;
+    __m512 bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * am]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+  }
+}
+
+template <int R>
+inline void gemm_tile_v(int vecs, int64_t K, const float* A, int64_t am, int64_t ak, const float* B, int64_t ldb,
+                        float* C, int64_t ldc) {
+  switch (vecs) {
+    case 1: gemm_tile<R, 1>(K, A, am, ak, B, ldb, C, ldc); break;
+    case 2: gemm_tile<R, 2>(K, A, am, ak, B, ldb, C, ldc); break;
+    case 3: gemm_tile<R, 3>(K, A, am, ak, B, ldb, C, ldc); break;
+    default: gemm_tile<R, 4>(K, A, am, ak, B, ldb, C, ldc); break;
+  }
+}
+
+// ncols must be a multiple of 16. Tiles of up to 4 rows x 64 columns (8 rows x 32 columns when the
+// matrix is that narrow): 16 accumulators. Column chunks outermost so that a chunk of B stays in L1.
+void gemm_f32(int64_t M, int64_t ncols, int64_t K, const float* A, int64_t am, int64_t ak, const float* B,
+              int64_t ldb, float* C, int64_t ldc) {
+  const int64_t total_vecs = ncols / 16;
+  const int64_t rmax = total_vecs <= 2 ? 8 : 4;
+  for (int64_t v0 = 0; v0 < total_vecs; v0 += 4) {
+    const int vecs = static_cast<int>(std::min<int64_t>(4, total_vecs - v0));
+    const float* b = B + 16 * v0;
+    for (int64_t m0 = 0; m0 < M; m0 += rmax) {
+      const int rows = static_cast<int>(std::min<int64_t>(rmax, M - m0));
+      const float* a = A + m0 * am;
+      float* c = C + m0 * ldc + 16 * v0;
+      switch (rows) {
+        case 1: gemm_tile_v<1>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
+        case 2: gemm_tile_v<2>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
+        case 3: gemm_tile_v<3>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
+        case 4: gemm_tile_v<4>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
+        case 5: gemm_tile_v<5>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
+        case 6: gemm_tile_v<6>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
+        case 7: gemm_tile_v<7>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
+        default: gemm_tile_v<8>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
+      }
+    }
+  }
+}
+
+// exp for float32 lanes (Cephes' polynomial, ~1 ulp); arguments below -103 give 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+#endif  // VLM_WA_AVX512
+
+template <typename T>
+inline void gemm(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb,
+                 T* C, int64_t ldc) {
+#if VLM_WA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_f32(M, ncols, K, A, am, ak, B, ldb, C, ldc);
+    return;
+  }
+#endif
+  gemm_plain(M, ncols, K, A, am, ak, B, ldb, C, ldc);
+}
+
+// Softmax of s[0, n) in place; returns the row's log-sum-exp.
+template <typename T>
+T softmax_row(T* s, int64_t n) {
+#if VLM_WA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - j), s + j));
+    const float m = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = tail_mask(n - j);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+      _mm512_mask_storeu_ps(s + j, k, e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    const __m512 tv = _mm512_set1_ps(total);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = tail_mask(n - j);
+      _mm512_mask_storeu_ps(s + j, k, _mm512_div_ps(_mm512_maskz_loadu_ps(k, s + j), tv));
+    }
+    return m + std::log(total);
+  }
+#endif
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  T total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    total += s[j];
+  }
+  for (int64_t j = 0; j < n; ++j) s[j] /= total;
+  return m + std::log(total);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// One unit's math on gathered buffers.
+
+template <typename acc_t>
+struct Params {
+  int64_t N = 0, Np = 0, d = 0, dp = 0, heads = 0;
+  bool cosine = false;
+  acc_t scale = 1;
+  std::vector<acc_t> mult;        // v2: exp(min(logit_scale, log 100)) per head
+  std::vector<uint8_t> unclamped;  // v2: logit_scale <= log 100 per head
+  const acc_t* bias = nullptr;    // dense (heads, N, Np) or null
+};
+
+template <typename acc_t>
+struct Work {
+  int64_t N, Np, d, dp;
+  // Row-major N x dp: q (scaled / normalised), k (normalised for v2), v, dO, dq, dk, dv (dq doubles as O).
+  std::vector<acc_t> q, k, v, dout, dq, dk, dv;
+  std::vector<acc_t> kt, vt;  // d x Np: K^T, V^T (zero beyond N)
+  std::vector<acc_t> s, dp_;  // N x Np: logits / P, dP / dS
+  std::vector<acc_t> qden, kden, qnorm, knorm, lse;  // per token
+  std::vector<int64_t> pos;
+  std::vector<int> label;
+
+  Work(int64_t n, int64_t dd, bool backward)
+      : N(n), Np(round_up(n, 16)), d(dd), dp(round_up(dd, 16)),
+        q(N * dp), k(N * dp), v(N * dp), dq(N * dp), kt(d * Np), s(N * Np),
+        qden(N), kden(N), qnorm(N), knorm(N), lse(N), pos(N), label(N) {
+    if (backward) {
+      dout.assign(N * dp, acc_t(0));
+      dk.assign(N * dp, acc_t(0));
+      dv.assign(N * dp, acc_t(0));
+      vt.assign(d * Np, acc_t(0));
+      dp_.assign(N * Np, acc_t(0));
+    }
+  }
+
+  // Stores token t's q, k, v (d values each, from any dtype) as the unit's operands.
+  template <typename scalar_t>
+  void put(int64_t t, const scalar_t* qs, const scalar_t* ks, const scalar_t* vs, const Params<acc_t>& p,
+           bool backward) {
+    acc_t* qr = q.data() + t * dp;
+    acc_t* kr = k.data() + t * dp;
+    acc_t* vr = v.data() + t * dp;
+    for (int64_t c = 0; c < d; ++c) {
+      qr[c] = to_acc<acc_t>(qs[c]);
+      kr[c] = to_acc<acc_t>(ks[c]);
+      vr[c] = to_acc<acc_t>(vs[c]);
+    }
+    if (p.cosine) {
+      normalise(qr, &qnorm[t], &qden[t]);
+      normalise(kr, &knorm[t], &kden[t]);
+    } else {
+      for (int64_t c = 0; c < d; ++c) qr[c] = qr[c] * p.scale;
+    }
+    for (int64_t c = 0; c < d; ++c) kt[c * Np + t] = kr[c];
+    if (backward)
+      for (int64_t c = 0; c < d; ++c) vt[c * Np + t] = vr[c];
+  }
+
+  void normalise(acc_t* x, acc_t* norm, acc_t* den) const {
+    acc_t sq = 0;
+    for (int64_t c = 0; c < d; ++c) sq += x[c] * x[c];
+    *norm = std::sqrt(sq);
+    *den = std::max(*norm, static_cast<acc_t>(kNormEps));
+    for (int64_t c = 0; c < d; ++c) x[c] = x[c] / *den;
+  }
+
+  // P = softmax(logits) into s, lse per row. mask: (N, Np) additive or null; labels used when `mixed`.
+  void probabilities(const Params<acc_t>& p, int64_t h, const acc_t* mask, bool mixed) {
+    gemm<acc_t>(N, Np, d, q.data(), dp, 1, kt.data(), Np, s.data(), Np);
+    const acc_t t = p.cosine ? p.mult[h] : acc_t(1);
+    const acc_t* bias = p.bias ? p.bias + h * N * Np : nullptr;
+    const acc_t mval = static_cast<acc_t>(kMaskValue);
+    for (int64_t i = 0; i < N; ++i) {
+      acc_t* row = s.data() + i * Np;
+      if (p.cosine)
+        for (int64_t j = 0; j < N; ++j) row[j] = row[j] * t;
+      if (bias) {
+        const acc_t* br = bias + i * Np;
+        for (int64_t j = 0; j < N; ++j) row[j] = row[j] + br[j];
+      }
+      if (mask) {
+        const acc_t* mr = mask + i * Np;
+        for (int64_t j = 0; j < N; ++j) row[j] = row[j] + mr[j];
+      } else if (mixed) {
+        const int li = label[i];
+        for (int64_t j = 0; j < N; ++j)
+          if (label[j] != li) row[j] = row[j] + mval;
+      }
+      lse[i] = softmax_row(row, N);
+    }
+  }
+
+  // O = P V into dq.
+  void forward(const Params<acc_t>& p, int64_t h, const acc_t* mask, bool mixed) {
+    probabilities(p, h, mask, mixed);
+    gemm<acc_t>(N, dp, N, s.data(), Np, 1, v.data(), dp, dq.data(), dp);
+  }
+
+  // dq, dk, dv of the unit (inputs' gradients, before the normalisation for v2: see finish_cosine).
+  // Adds dS into dbias (N x N, float64) when given; returns v2's sum(dS * cos) (0 for v1).
+  double backward(const Params<acc_t>& p, int64_t h, const acc_t* mask, bool mixed, double* dbias) {
+    probabilities(p, h, mask, mixed);
+    gemm<acc_t>(N, Np, d, dout.data(), dp, 1, vt.data(), Np, dp_.data(), Np);  // dP = dO V^T
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t* pr = s.data() + i * Np;
+      acc_t* dr = dp_.data() + i * Np;
+      acc_t D = 0;
+      for (int64_t j = 0; j < N; ++j) D += pr[j] * dr[j];
+      for (int64_t j = 0; j < N; ++j) dr[j] = pr[j] * (dr[j] - D);
+      if (dbias) {
+        double* br = dbias + i * N;
+        for (int64_t j = 0; j < N; ++j) br[j] += static_cast<double>(dr[j]);
+      }
+    }
+    gemm<acc_t>(N, dp, N, s.data(), 1, Np, dout.data(), dp, dv.data(), dp);   // dV = P^T dO
+    gemm<acc_t>(N, dp, N, dp_.data(), Np, 1, k.data(), dp, dq.data(), dp);    // dS K
+    gemm<acc_t>(N, dp, N, dp_.data(), 1, Np, q.data(), dp, dk.data(), dp);    // dS^T Q
+    if (!p.cosine) {
+      // q holds scale * q, so dS^T Q is already dk; dq = scale * dS K.
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = 0; c < d; ++c) dq[i * dp + c] = dq[i * dp + c] * p.scale;
+      return 0.0;
+    }
+    // v2: s = t * qn kn^T + ...: sum(dS * cos) = sum_i qn_i . (dS Kn)_i; dqn = t dS Kn, dkn = t dS^T Qn.
+    double dt = 0.0;
+    const acc_t t = p.mult[h];
+    for (int64_t i = 0; i < N; ++i) {
+      acc_t dot = 0;
+      for (int64_t c = 0; c < d; ++c) dot += q[i * dp + c] * dq[i * dp + c];
+      dt += static_cast<double>(dot);
+      normalise_backward(q.data() + i * dp, dq.data() + i * dp, qnorm[i], qden[i], t);
+      normalise_backward(k.data() + i * dp, dk.data() + i * dp, knorm[i], kden[i], t);
+    }
+    return dt;
+  }
+
+  // g <- d/dx of x / max(|x|, eps) applied to dy = t * g, with y = x / max(|x|, eps) given.
+  void normalise_backward(const acc_t* y, acc_t* g, acc_t norm, acc_t den, acc_t t) const {
+    acc_t dot = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      g[c] = t * g[c];
+      dot += y[c] * g[c];
+    }
+    const acc_t through = norm >= static_cast<acc_t>(kNormEps) ? acc_t(1) : acc_t(0);
+    for (int64_t c = 0; c < d; ++c) g[c] = g[c] / den - through * y[c] * dot / den;
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------
+// Shared preparation
+
+template <typename acc_t>
+acc_t logit_scale_max() {
+  return static_cast<acc_t>(std::log(100.0));
+}
+
+template <typename scalar_t, typename acc_t>
+void fill_logit_scale(Params<acc_t>& p, const std::optional<at::Tensor>& logit_scale) {
+  p.cosine = logit_scale.has_value() && logit_scale->defined();
+  if (!p.cosine) return;
+  const scalar_t* ls = logit_scale->const_data_ptr<scalar_t>();
+  p.mult.resize(p.heads);
+  p.unclamped.resize(p.heads);
+  const acc_t cap = logit_scale_max<acc_t>();
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const acc_t v = to_acc<acc_t>(ls[h]);
+    p.mult[h] = std::exp(std::min(v, cap));
+    p.unclamped[h] = v <= cap;
+  }
+  p.scale = 1;
+}
+
+// Relative-position-table row of query i and key j in a (mh, mw) window (timm's index).
+inline int64_t rel_index(int64_t i, int64_t j, int64_t mh, int64_t mw) {
+  const int64_t dy = i / mw - j / mw + (mh - 1);
+  const int64_t dx = i % mw - j % mw + (mw - 1);
+  return dy * (2 * mw - 1) + dx;
+}
+
+// Dense (heads, N, Np) bias in the accumulation type from a table (mh, mw > 0) or a dense (heads, N, N).
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> dense_bias(const at::Tensor& bias, int64_t heads, int64_t N, int64_t Np, int64_t mh, int64_t mw) {
+  std::vector<acc_t> out(heads * N * Np, acc_t(0));
+  const scalar_t* b = bias.const_data_ptr<scalar_t>();
+  const bool table = bias.dim() == 2;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j)
+        out[(h * N + i) * Np + j] =
+            to_acc<acc_t>(table ? b[rel_index(i, j, mh, mw) * heads + h] : b[(h * N + i) * N + j]);
+  return out;
+}
+
+// Per-thread float64 accumulators, reduced in thread order.
+struct Accumulators {
+  int64_t threads, size;
+  std::vector<double> data;
+  Accumulators(int64_t size_) : threads(at::get_num_threads()), size(size_), data(threads * size_, 0.0) {}
+  double* mine() {
+    const int64_t t = at::get_thread_num();
+    TORCH_CHECK(t >= 0 && t < threads, "window_attention_cpu: thread index ", t, " out of range ", threads);
+    return data.data() + t * size;
+  }
+  std::vector<double> reduce() const {
+    std::vector<double> out(size, 0.0);
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t i = 0; i < size; ++i) out[i] += data[t * size + i];
+    return out;
+  }
+};
+
+template <typename scalar_t>
+at::Tensor from_double(const std::vector<double>& v, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  for (size_t i = 0; i < v.size(); ++i) o[i] = static_cast<scalar_t>(v[i]);
+  return out;
+}
+
+// The bias gradient (table or dense) from the reduced dense (heads, N, N) float64 sum.
+template <typename scalar_t>
+at::Tensor bias_gradient(const std::vector<double>& dense, const at::Tensor& bias, int64_t heads, int64_t N,
+                         int64_t mh, int64_t mw) {
+  if (bias.dim() == 3) return from_double<scalar_t>(dense, bias);
+  std::vector<double> table(bias.numel(), 0.0);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) table[rel_index(i, j, mh, mw) * heads + h] += dense[(h * N + i) * N + j];
+  return from_double<scalar_t>(table, bias);
+}
+
+template <typename scalar_t, typename acc_t>
+at::Tensor logit_scale_gradient(const std::vector<double>& dt, const Params<acc_t>& p, const at::Tensor& ls) {
+  std::vector<double> g(p.heads);
+  for (int64_t h = 0; h < p.heads; ++h)
+    g[h] = p.unclamped[h] ? dt[h] * static_cast<double>(p.mult[h]) : 0.0;
+  return from_double<scalar_t>(g, ls);
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ----------------------------------------------------------------------------------------------------
+// The fused op on the (B, H, W, 3C) map
+
+struct MapGeometry {
+  int64_t B, H, W, C, heads, d, mh, mw, N, sh, sw, Hp, Wp, nwh, nww;
+  int64_t windows() const { return B * nwh * nww; }
+  // Input positions (b * H + y) * W + x of window `win`'s tokens (-1: padded) and their mask region
+  // labels; returns whether the labels differ (the window needs the mask).
+  bool tokens(int64_t win, int64_t* pos, int* label) const {
+    const int64_t b = win / (nwh * nww);
+    const int64_t r = win - b * nwh * nww;
+    const int64_t wy = r / nww, wx = r - (r / nww) * nww;
+    bool mixed = false;
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t ys = wy * mh + t / mw, xs = wx * mw + t % mw;
+      pos[t] = (ys < H && xs < W) ? (b * H + (ys + sh) % H) * W + (xs + sw) % W : -1;
+      label[t] = (sh > 0 && ys >= Hp - sh ? 2 : 0) + (sw > 0 && xs >= Wp - sw ? 1 : 0);
+      mixed = mixed || label[t] != label[0];
+    }
+    return mixed;
+  }
+};
+
+MapGeometry map_geometry(const at::Tensor& qkv, int64_t heads, at::IntArrayRef window, at::IntArrayRef shift,
+                         const char* fn) {
+  TORCH_CHECK(qkv.dim() == 4, fn, ": qkv must be (B, H, W, 3C), got ", qkv.sizes());
+  TORCH_CHECK(window.size() == 2 && shift.size() == 2, fn, ": window and shift must be pairs");
+  TORCH_CHECK(heads > 0, fn, ": num_heads must be positive, got ", heads);
+  MapGeometry g;
+  g.B = qkv.size(0);
+  g.H = qkv.size(1);
+  g.W = qkv.size(2);
+  TORCH_CHECK(qkv.size(3) % (3 * heads) == 0, fn, ": qkv's last dimension ", qkv.size(3),
+              " is not 3 * num_heads * head_dim for num_heads=", heads);
+  g.C = qkv.size(3) / 3;
+  g.heads = heads;
+  g.d = g.C / heads;
+  g.mh = window[0];
+  g.mw = window[1];
+  g.sh = shift[0];
+  g.sw = shift[1];
+  TORCH_CHECK(g.mh >= 1 && g.mw >= 1, fn, ": window must be >= 1, got ", window);
+  TORCH_CHECK(g.sh >= 0 && g.sw >= 0 && g.sh < g.mh && g.sw < g.mw, fn, ": shift must be in [0, window), got ",
+              shift);
+  g.N = g.mh * g.mw;
+  g.Hp = round_up(g.H, g.mh);
+  g.Wp = round_up(g.W, g.mw);
+  g.nwh = g.Hp / g.mh;
+  g.nww = g.Wp / g.mw;
+  return g;
+}
+
+void check_common(const at::Tensor& t, const at::Tensor& like, const char* fn, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), fn, ": ", name, " must have dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+}
+
+void check_map_inputs(const at::Tensor& qkv, const MapGeometry& g, const std::optional<at::Tensor>& pad,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ls, const char* fn) {
+  check_common(qkv, qkv, fn, "qkv");
+  TORCH_CHECK(at::isFloatingType(qkv.scalar_type()), fn, ": qkv must be floating point, got ", qkv.scalar_type());
+  if (present(pad)) {
+    check_common(*pad, qkv, fn, "pad_qkv");
+    TORCH_CHECK(pad->numel() == 3 * g.C, fn, ": pad_qkv must have ", 3 * g.C, " elements, got ", pad->sizes());
+  }
+  if (present(bias)) {
+    check_common(*bias, qkv, fn, "rel_pos_bias");
+    const bool table = bias->dim() == 2 && bias->size(0) == (2 * g.mh - 1) * (2 * g.mw - 1) && bias->size(1) == g.heads;
+    const bool dense = bias->dim() == 3 && bias->size(0) == g.heads && bias->size(1) == g.N && bias->size(2) == g.N;
+    TORCH_CHECK(table || dense, fn, ": rel_pos_bias must be ((2Mh-1)(2Mw-1), heads) or (heads, N, N), got ",
+                bias->sizes());
+  }
+  if (present(ls)) {
+    check_common(*ls, qkv, fn, "logit_scale");
+    TORCH_CHECK(ls->numel() == g.heads, fn, ": logit_scale must have num_heads elements, got ", ls->sizes());
+  }
+}
+
+template <typename scalar_t>
+std::vector<scalar_t> pad_row(const std::optional<at::Tensor>& pad, int64_t c3) {
+  if (present(pad)) {
+    const scalar_t* p = pad->const_data_ptr<scalar_t>();
+    return std::vector<scalar_t>(p, p + c3);
+  }
+  return std::vector<scalar_t>(c3, static_cast<scalar_t>(0.0f));
+}
+
+template <typename scalar_t, typename acc_t>
+Params<acc_t> map_params(const MapGeometry& g, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& ls, double scale, std::vector<acc_t>& bias_store) {
+  Params<acc_t> p;
+  p.N = g.N;
+  p.Np = round_up(g.N, 16);
+  p.d = g.d;
+  p.dp = round_up(g.d, 16);
+  p.heads = g.heads;
+  p.scale = static_cast<acc_t>(scale);
+  fill_logit_scale<scalar_t, acc_t>(p, ls);
+  if (present(bias)) {
+    bias_store = dense_bias<scalar_t, acc_t>(*bias, g.heads, g.N, p.Np, g.mh, g.mw);
+    p.bias = bias_store.data();
+  }
+  return p;
+}
+
+// Gathers unit (window, head h)'s q, k, v; the window's positions and labels must be in w.pos / w.label.
+template <typename scalar_t, typename acc_t>
+void gather_map(Work<acc_t>& w, const MapGeometry& g, const scalar_t* qkv, const scalar_t* pad, int64_t h,
+                const Params<acc_t>& p, bool backward) {
+  const int64_t c3 = 3 * g.C;
+  for (int64_t t = 0; t < g.N; ++t) {
+    const scalar_t* row = w.pos[t] >= 0 ? qkv + w.pos[t] * c3 : pad;
+    w.put(t, row + h * g.d, row + g.C + h * g.d, row + 2 * g.C + h * g.d, p, backward);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ls, const MapGeometry& g,
+                 double scale, at::Tensor& out, at::Tensor& lse) {
+  std::vector<acc_t> bias_store;
+  const Params<acc_t> p = map_params<scalar_t, acc_t>(g, bias, ls, scale, bias_store);
+  const std::vector<scalar_t> pad = pad_row<scalar_t>(pad_qkv, 3 * g.C);
+  const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  acc_t* l = lse.mutable_data_ptr<acc_t>();
+  const int64_t units = g.windows() * g.heads;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    Work<acc_t> w(g.N, g.d, false);
+    int64_t win = -1;
+    bool mixed = false;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t h = u % g.heads;
+      if (u / g.heads != win) {
+        win = u / g.heads;
+        mixed = g.tokens(win, w.pos.data(), w.label.data());
+      }
+      gather_map<scalar_t, acc_t>(w, g, x, pad.data(), h, p, false);
+      w.forward(p, h, nullptr, mixed);
+      for (int64_t t = 0; t < g.N; ++t) {
+        if (w.pos[t] < 0) continue;
+        scalar_t* orow = o + w.pos[t] * g.C + h * g.d;
+        const acc_t* src = w.dq.data() + t * w.dp;
+        for (int64_t c = 0; c < g.d; ++c) orow[c] = static_cast<scalar_t>(src[c]);
+        l[w.pos[t] * g.heads + h] = w.lse[t];
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ls, const MapGeometry& g,
+                  double scale, at::Tensor& dqkv, at::Tensor& dpad, at::Tensor& dbias, at::Tensor& dls) {
+  std::vector<acc_t> bias_store;
+  const Params<acc_t> p = map_params<scalar_t, acc_t>(g, bias, ls, scale, bias_store);
+  const std::vector<scalar_t> pad = pad_row<scalar_t>(pad_qkv, 3 * g.C);
+  const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+  const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dx = dqkv.mutable_data_ptr<scalar_t>();
+  const bool want_bias = present(bias), want_pad = present(pad_qkv), want_ls = p.cosine;
+  const int64_t NN = g.N * g.N;
+  Accumulators acc_bias(want_bias ? g.heads * NN : 0), acc_pad(want_pad ? 3 * g.C : 0),
+      acc_ls(want_ls ? g.heads : 0);
+  const int64_t units = g.windows() * g.heads;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    Work<acc_t> w(g.N, g.d, true);
+    double* db = want_bias ? acc_bias.mine() : nullptr;
+    double* dpd = want_pad ? acc_pad.mine() : nullptr;
+    double* dl = want_ls ? acc_ls.mine() : nullptr;
+    int64_t win = -1;
+    bool mixed = false;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t h = u % g.heads;
+      if (u / g.heads != win) {
+        win = u / g.heads;
+        mixed = g.tokens(win, w.pos.data(), w.label.data());
+      }
+      gather_map<scalar_t, acc_t>(w, g, x, pad.data(), h, p, true);
+      for (int64_t t = 0; t < g.N; ++t) {
+        acc_t* dst = w.dout.data() + t * w.dp;
+        if (w.pos[t] < 0) {
+          std::fill(dst, dst + g.d, acc_t(0));  // a padded query is cropped: no incoming gradient
+          continue;
+        }
+        const scalar_t* src = go + w.pos[t] * g.C + h * g.d;
+        for (int64_t c = 0; c < g.d; ++c) dst[c] = to_acc<acc_t>(src[c]);
+      }
+      const double dt = w.backward(p, h, nullptr, mixed, db ? db + h * NN : nullptr);
+      if (dl) dl[h] += dt;
+      const int64_t c3 = 3 * g.C;
+      for (int64_t t = 0; t < g.N; ++t) {
+        const acc_t* gq = w.dq.data() + t * w.dp;
+        const acc_t* gk = w.dk.data() + t * w.dp;
+        const acc_t* gv = w.dv.data() + t * w.dp;
+        if (w.pos[t] >= 0) {
+          scalar_t* row = dx + w.pos[t] * c3 + h * g.d;
+          for (int64_t c = 0; c < g.d; ++c) {
+            row[c] = static_cast<scalar_t>(gq[c]);
+            row[g.C + c] = static_cast<scalar_t>(gk[c]);
+            row[2 * g.C + c] = static_cast<scalar_t>(gv[c]);
+          }
+        } else if (dpd) {
+          double* row = dpd + h * g.d;
+          for (int64_t c = 0; c < g.d; ++c) {
+            row[c] += static_cast<double>(gq[c]);
+            row[g.C + c] += static_cast<double>(gk[c]);
+            row[2 * g.C + c] += static_cast<double>(gv[c]);
+          }
+        }
+      }
+    }
+  });
+  if (want_bias) dbias = bias_gradient<scalar_t>(acc_bias.reduce(), *bias, g.heads, g.N, g.mh, g.mw);
+  if (want_pad) dpad = from_double<scalar_t>(acc_pad.reduce(), *pad_qkv);
+  if (want_ls) dls = logit_scale_gradient<scalar_t, acc_t>(acc_ls.reduce(), p, *ls);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Attention on partitioned windows (B*nW, heads, N, d)
+
+struct WindowsGeometry {
+  int64_t BW, heads, N, d, nW;
+};
+
+WindowsGeometry windows_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& ls, const char* fn) {
+  TORCH_CHECK(q.dim() == 4, fn, ": q must be (B*nW, heads, N, d), got ", q.sizes());
+  check_common(q, q, fn, "q");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), fn, ": q must be floating point, got ", q.scalar_type());
+  check_common(k, q, fn, "k");
+  check_common(v, q, fn, "v");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), fn, ": k and v must have q's shape ", q.sizes());
+  WindowsGeometry g{q.size(0), q.size(1), q.size(2), q.size(3), 1};
+  if (present(bias)) {
+    check_common(*bias, q, fn, "bias");
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == g.heads && bias->size(1) == g.N && bias->size(2) == g.N, fn,
+                ": bias must be (heads, N, N), got ", bias->sizes());
+  }
+  if (present(mask)) {
+    check_common(*mask, q, fn, "mask");
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) > 0 && mask->size(1) == g.N && mask->size(2) == g.N &&
+                    g.BW % mask->size(0) == 0,
+                fn, ": mask must be (nW, N, N) with nW dividing B*nW, got ", mask->sizes());
+    g.nW = mask->size(0);
+  }
+  if (present(ls)) {
+    check_common(*ls, q, fn, "logit_scale");
+    TORCH_CHECK(ls->numel() == g.heads, fn, ": logit_scale must have heads elements, got ", ls->sizes());
+  }
+  return g;
+}
+
+template <typename scalar_t, typename acc_t>
+Params<acc_t> windows_params(const WindowsGeometry& g, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& ls, double scale, std::vector<acc_t>& bias_store) {
+  Params<acc_t> p;
+  p.N = g.N;
+  p.Np = round_up(g.N, 16);
+  p.d = g.d;
+  p.dp = round_up(g.d, 16);
+  p.heads = g.heads;
+  p.scale = static_cast<acc_t>(scale);
+  fill_logit_scale<scalar_t, acc_t>(p, ls);
+  if (present(bias)) {
+    bias_store = dense_bias<scalar_t, acc_t>(*bias, g.heads, g.N, p.Np, 0, 0);
+    p.bias = bias_store.data();
+  }
+  return p;
+}
+
+// (nW, N, Np) copy of the mask in the accumulation type (empty when absent).
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> padded_mask(const std::optional<at::Tensor>& mask, int64_t N) {
+  if (!present(mask)) return {};
+  const int64_t nW = mask->size(0), Np = round_up(N, 16);
+  std::vector<acc_t> out(nW * N * Np, acc_t(0));
+  const scalar_t* m = mask->const_data_ptr<scalar_t>();
+  for (int64_t w = 0; w < nW; ++w)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) out[(w * N + i) * Np + j] = to_acc<acc_t>(m[(w * N + i) * N + j]);
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+void windows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                     const std::optional<at::Tensor>& ls, const WindowsGeometry& g, double scale, at::Tensor& out,
+                     at::Tensor& lse) {
+  std::vector<acc_t> bias_store;
+  const Params<acc_t> p = windows_params<scalar_t, acc_t>(g, bias, ls, scale, bias_store);
+  const std::vector<acc_t> masks = padded_mask<scalar_t, acc_t>(mask, g.N);
+  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(),
+                 *vp = v.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  acc_t* l = lse.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.BW * g.heads, 1, [&](int64_t u0, int64_t u1) {
+    Work<acc_t> w(g.N, g.d, false);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t h = u % g.heads, base = u * g.N * g.d;
+      for (int64_t t = 0; t < g.N; ++t)
+        w.put(t, qp + base + t * g.d, kp + base + t * g.d, vp + base + t * g.d, p, false);
+      const acc_t* m = masks.empty() ? nullptr : masks.data() + ((u / g.heads) % g.nW) * g.N * p.Np;
+      w.forward(p, h, m, false);
+      for (int64_t t = 0; t < g.N; ++t) {
+        for (int64_t c = 0; c < g.d; ++c) o[base + t * g.d + c] = static_cast<scalar_t>(w.dq[t * w.dp + c]);
+        l[u * g.N + t] = w.lse[t];
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void windows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                      const std::optional<at::Tensor>& ls, const WindowsGeometry& g, double scale, at::Tensor& dq,
+                      at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias, at::Tensor& dls) {
+  std::vector<acc_t> bias_store;
+  const Params<acc_t> p = windows_params<scalar_t, acc_t>(g, bias, ls, scale, bias_store);
+  const std::vector<acc_t> masks = padded_mask<scalar_t, acc_t>(mask, g.N);
+  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(),
+                 *vp = v.const_data_ptr<scalar_t>(), *gp = grad_out.const_data_ptr<scalar_t>();
+  scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(),
+           *dvp = dv.mutable_data_ptr<scalar_t>();
+  const bool want_bias = present(bias), want_ls = p.cosine;
+  const int64_t NN = g.N * g.N;
+  Accumulators acc_bias(want_bias ? g.heads * NN : 0), acc_ls(want_ls ? g.heads : 0);
+  at::parallel_for(0, g.BW * g.heads, 1, [&](int64_t u0, int64_t u1) {
+    Work<acc_t> w(g.N, g.d, true);
+    double* db = want_bias ? acc_bias.mine() : nullptr;
+    double* dl = want_ls ? acc_ls.mine() : nullptr;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t h = u % g.heads, base = u * g.N * g.d;
+      for (int64_t t = 0; t < g.N; ++t) {
+        w.put(t, qp + base + t * g.d, kp + base + t * g.d, vp + base + t * g.d, p, true);
+        for (int64_t c = 0; c < g.d; ++c) w.dout[t * w.dp + c] = to_acc<acc_t>(gp[base + t * g.d + c]);
+      }
+      const acc_t* m = masks.empty() ? nullptr : masks.data() + ((u / g.heads) % g.nW) * g.N * p.Np;
+      const double dt = w.backward(p, h, m, false, db ? db + h * NN : nullptr);
+      if (dl) dl[h] += dt;
+      for (int64_t t = 0; t < g.N; ++t)
+        for (int64_t c = 0; c < g.d; ++c) {
+          dqp[base + t * g.d + c] = static_cast<scalar_t>(w.dq[t * w.dp + c]);
+          dkp[base + t * g.d + c] = static_cast<scalar_t>(w.dk[t * w.dp + c]);
+          dvp[base + t * g.d + c] = static_cast<scalar_t>(w.dv[t * w.dp + c]);
+        }
+    }
+  });
+  if (want_bias) dbias = from_double<scalar_t>(acc_bias.reduce(), *bias);
+  if (want_ls) dls = logit_scale_gradient<scalar_t, acc_t>(acc_ls.reduce(), p, *ls);
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor zeros_like_opt(const std::optional<at::Tensor>& t) {
+  return present(t) ? at::zeros(t->sizes(), t->options()) : at::Tensor();
+}
+
+#define VLM_WA_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv, const std::optional<at::Tensor>& rel_pos_bias,
+    const std::optional<at::Tensor>& logit_scale, int64_t num_heads, at::IntArrayRef window, at::IntArrayRef shift,
+    double scale) {
+  constexpr const char* fn = "window_attention_forward_cpu";
+  const MapGeometry g = map_geometry(qkv, num_heads, window, shift, fn);
+  check_map_inputs(qkv, g, pad_qkv, rel_pos_bias, logit_scale, fn);
+  at::Tensor out = at::zeros({g.B, g.H, g.W, g.C}, qkv.options());
+  at::Tensor lse = at::zeros({g.B, g.H, g.W, g.heads}, qkv.options().dtype(acc_type(qkv.scalar_type())));
+  if (qkv.numel() == 0) return {out, lse};
+  VLM_WA_DISPATCH(qkv.scalar_type(), fn, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    map_forward<scalar_t, acc_t>(qkv, pad_qkv, rel_pos_bias, logit_scale, g, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& pad_qkv, const std::optional<at::Tensor>& rel_pos_bias,
+    const std::optional<at::Tensor>& logit_scale, int64_t num_heads, at::IntArrayRef window, at::IntArrayRef shift,
+    double scale) {
+  constexpr const char* fn = "window_attention_backward_cpu";
+  const MapGeometry g = map_geometry(qkv, num_heads, window, shift, fn);
+  check_map_inputs(qkv, g, pad_qkv, rel_pos_bias, logit_scale, fn);
+  check_common(grad_out, qkv, fn, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.H && grad_out.size(2) == g.W &&
+                  grad_out.size(3) == g.C,
+              fn, ": grad_out must be (B, H, W, C) = (", g.B, ", ", g.H, ", ", g.W, ", ", g.C, "), got ",
+              grad_out.sizes());
+  (void)out;
+  (void)lse;
+  at::Tensor dqkv = at::zeros(qkv.sizes(), qkv.options());
+  at::Tensor dpad = zeros_like_opt(pad_qkv), dbias = zeros_like_opt(rel_pos_bias), dls = zeros_like_opt(logit_scale);
+  if (qkv.numel() == 0) return {dqkv, dpad, dbias, dls};
+  VLM_WA_DISPATCH(qkv.scalar_type(), fn, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    map_backward<scalar_t, acc_t>(grad_out, qkv, pad_qkv, rel_pos_bias, logit_scale, g, scale, dqkv, dpad, dbias,
+                                  dls);
+  });
+  return {dqkv, dpad, dbias, dls};
+}
+
+std::tuple<at::Tensor, at::Tensor> windowed_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& mask, double scale, const std::optional<at::Tensor>& logit_scale) {
+  constexpr const char* fn = "windowed_attention_forward_cpu";
+  const WindowsGeometry g = windows_geometry(q, k, v, bias, mask, logit_scale, fn);
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::zeros({g.BW, g.heads, g.N}, q.options().dtype(acc_type(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse};
+  VLM_WA_DISPATCH(q.scalar_type(), fn, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    windows_forward<scalar_t, acc_t>(q, k, v, bias, mask, logit_scale, g, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask, double scale,
+    const std::optional<at::Tensor>& logit_scale) {
+  constexpr const char* fn = "windowed_attention_backward_cpu";
+  const WindowsGeometry g = windows_geometry(q, k, v, bias, mask, logit_scale, fn);
+  check_common(grad_out, q, fn, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), fn, ": grad_out must have q's shape ", q.sizes(), ", got ",
+              grad_out.sizes());
+  (void)out;
+  (void)lse;
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(q.sizes(), q.options()),
+             dv = at::zeros(q.sizes(), q.options());
+  at::Tensor dbias = zeros_like_opt(bias), dls = zeros_like_opt(logit_scale);
+  if (q.numel() == 0) return {dq, dk, dv, dbias, dls};
+  VLM_WA_DISPATCH(q.scalar_type(), fn, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    windows_backward<scalar_t, acc_t>(grad_out, q, k, v, bias, mask, logit_scale, g, scale, dq, dk, dv, dbias, dls);
+  });
+  return {dq, dk, dv, dbias, dls};
+}
+
+}  // namespace vlm
+
+TORCH_LIBRARY_FRAGMENT(vlm_kernels_C, m) {
+  m.def(
+      "window_attention_forward_cpu(Tensor qkv, Tensor? pad_qkv, Tensor? rel_pos_bias, Tensor? logit_scale, "
+      "int num_heads, int[] window, int[] shift, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_attention_backward_cpu(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? pad_qkv, "
+      "Tensor? rel_pos_bias, Tensor? logit_scale, int num_heads, int[] window, int[] shift, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "windowed_attention_forward_cpu(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, float scale, "
+      "Tensor? logit_scale) -> (Tensor, Tensor)");
+  m.def(
+      "windowed_attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? bias, Tensor? mask, float scale, Tensor? logit_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vlm_kernels_C, CPU, m) {
+  m.impl("window_attention_forward_cpu", &vlm::window_attention_forward_cpu);
+  m.impl("window_attention_backward_cpu", &vlm::window_attention_backward_cpu);
+  m.impl("windowed_attention_forward_cpu", &vlm::windowed_attention_forward_cpu);
+  m.impl("windowed_attention_backward_cpu", &vlm::windowed_attention_backward_cpu);
+}
