@@ -379,3 +379,22 @@ def test_dall_e_state_dict_of_another_configuration_names_the_mismatch():
     ours = tiny_dvae(vocab_size=512, n_hid=64, group_count=4, n_blk_per_group=2)
     with pytest.raises(CheckpointMismatchError, match=r"missing key 'encoder.blocks.group_1.block_2"):
         ours.load_dall_e_state_dict(encoder=enc.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training examples run (briefly) on scikit-image's photographs
+
+
+@pytest.mark.parametrize("script", ["train_vqvae", "train_dvae"])
+def test_training_example_runs(script, tmp_path):
+    pytest.importorskip("skimage")
+    pytest.importorskip("tqdm")
+    import importlib
+
+    module = importlib.import_module(f"examples.{script}")
+    result = module.main(["--steps", "3", "--batch-size", "4", "--eval-patches", "16", "--out", str(tmp_path)])
+    for split in ("held_out", "train_photos"):
+        assert math.isfinite(result[split]["mse"]) and 0 < result[split]["used"] <= 1
+    stem = script.split("_")[1]
+    assert (tmp_path / f"{stem}_reconstructions.png").stat().st_size > 0
+    assert isinstance(load_checkpoint(tmp_path / f"{stem}.pt"), VQVAE if stem == "vqvae" else DiscreteVAE)
