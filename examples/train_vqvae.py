@@ -3,6 +3,12 @@
     python examples/train_vqvae.py                 # EMA codebook with k-means init and dead-code reset
     python examples/train_vqvae.py --steps 20      # a quick check
     python examples/train_vqvae.py --learned       # codebook learned by the codebook loss instead
+    torchrun --nproc_per_node=2 examples/train_vqvae.py --steps 200   # data-parallel (gloo, CPU)
+
+Under torchrun, each rank trains on its own patches; gradients are averaged by DistributedDataParallel
+and the EMA codebook statistics, the k-means initialisation and the dead-code samples are all-reduced
+by ``VectorQuantizer`` (``sync_codebook``), so every rank keeps the same codebook: buffers are *not*
+broadcast by DDP here, and the script checks at the end that the ranks' codebooks are identical.
 
 Reports the reconstruction error (MSE and PSNR on [0, 1] pixels) on held-out patches of a photograph
 not trained on and on fresh patches of the training photographs, and codebook usage: the fraction of
@@ -67,11 +73,37 @@ def evaluate(model: VQVAE, patches: torch.Tensor, batch: int = 256) -> dict[str,
     return {"mse": mse, "psnr": psnr(mse), "used": float((counts > 0).float().mean()), "perplexity": perplexity}
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts a gloo process group when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def codebooks_identical(model: VQVAE) -> bool:
+    """All ranks hold bit-identical codebooks and EMA statistics."""
+    import torch.distributed as dist
+
+    ok = True
+    for name, buf in model.quantizer.state_dict().items():  # the codebook, and the EMA statistics
+        if not buf.is_floating_point():
+            continue
+        buf = buf.detach().contiguous()
+        gathered = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, buf)
+        ok &= all(torch.equal(g, gathered[0]) for g in gathered)
+    return bool(ok)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed)
+    rank, world = init_distributed()
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed + 1000 * rank)
     held_out_photos = load_photos(HELD_OUT_PHOTOS)
     eval_train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed + 1).sample(args.eval_patches)
     eval_held = PatchSampler(held_out_photos, args.patch, seed=args.seed + 2).sample(args.eval_patches)
@@ -82,16 +114,22 @@ def main(argv=None) -> dict:
                          decay=args.decay if ema else None,
                          threshold_ema_dead_code=args.dead_threshold if ema else 0.0, kmeans_init=ema)
     model = VQVAE(config)
+    trained = model
+    if world > 1:
+        # broadcast_buffers=False: the codebooks stay equal through VectorQuantizer's own all-reduces.
+        trained = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.steps, 1), eta_min=args.lr / 10)
-    print(f"VQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{'EMA' if ema else 'learned'} codebook of {args.codebook_size} x {args.code_dim}, "
-          f"{args.patch}x{args.patch} patches -> {args.patch // 4}x{args.patch // 4} tokens")
+    if rank == 0:
+        print(f"VQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{'EMA' if ema else 'learned'} codebook of {args.codebook_size} x {args.code_dim}, "
+              f"{args.patch}x{args.patch} patches -> {args.patch // 4}x{args.patch // 4} tokens"
+              + (f", {world} data-parallel ranks" if world > 1 else ""))
     start = time.time()
-    bar = tqdm(range(args.steps), desc="train")
+    bar = tqdm(range(args.steps), desc="train" if world == 1 else f"train (rank {rank})", disable=rank > 0)
     for step in bar:
         x = train.sample(args.batch_size) - 0.5
-        out = model(x)
+        out = trained(x)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -99,6 +137,17 @@ def main(argv=None) -> dict:
         if step % 20 == 0 or step == args.steps - 1:
             bar.set_postfix(mse=f"{float(out['recon_loss'].detach()):.4f}", vq=f"{float(out['vq_loss'].detach()):.4f}")
     train_time = time.time() - start
+    if world > 1:
+        import torch.distributed as dist
+
+        same = codebooks_identical(model)
+        if rank == 0:
+            print(f"codebooks identical on all {world} ranks: {same}")
+        if not same:
+            raise RuntimeError("train_vqvae: the ranks' codebooks differ after data-parallel training")
+        if rank > 0:
+            dist.destroy_process_group()
+            return {"steps": args.steps, "train_seconds": train_time, "codebooks_identical": same}
 
     result = {"steps": args.steps, "train_seconds": train_time,
               "held_out": evaluate(model, eval_held), "train_photos": evaluate(model, eval_train)}
@@ -127,6 +176,11 @@ def main(argv=None) -> dict:
     save_comparison([[photo[0], photo_rec[0]]], os.path.join(args.out, "vqvae_photo.png"))
     save_checkpoint(model, os.path.join(args.out, "vqvae.pt"), steps=args.steps)
     print(f"wrote {png}, {os.path.join(args.out, 'vqvae_photo.png')} and {os.path.join(args.out, 'vqvae.pt')}")
+    if world > 1:
+        import torch.distributed as dist
+
+        result["codebooks_identical"] = True
+        dist.destroy_process_group()
     return result
 
 

@@ -398,3 +398,25 @@ def test_training_example_runs(script, tmp_path):
     stem = script.split("_")[1]
     assert (tmp_path / f"{stem}_reconstructions.png").stat().st_size > 0
     assert isinstance(load_checkpoint(tmp_path / f"{stem}.pt"), VQVAE if stem == "vqvae" else DiscreteVAE)
+
+
+def test_vqvae_data_parallel_example_keeps_codebooks_identical(tmp_path):
+    # torchrun --nproc_per_node=2 (gloo, CPU): the EMA statistics, k-means init and dead-code resets are
+    # all-reduced by VectorQuantizer, with DDP's buffer broadcast off; the script fails if they differ.
+    pytest.importorskip("skimage")
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "examples", "train_vqvae.py"), "--steps", "4", "--batch-size", "4",
+           "--eval-patches", "16", "--dead-threshold", "1.0", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "codebooks identical on all 2 ranks: True" in proc.stdout
