@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .._backend import OpTable
 from ..reference import window_attention as reference
-from ._common import check_float_tensor, contiguous, describe
+from ._common import check_float_tensor, contiguous, describe, first_tensor_reason, gpu_dtype_reason
 
 TABLE = OpTable("window_attention")
 
@@ -74,6 +74,23 @@ def _compiled(name: str):
 
 for _entry, _fn in _ENTRIES.items():
     TABLE.register("cpu", _entry, _compiled(_fn.__name__ + "_cpu"))
+
+
+def _triton(name: str):
+    def call(*args):
+        from ..triton import window_attention as triton_wa  # imports triton: only when this backend runs
+
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        if device.type != "cuda":
+            return getattr(triton_wa, name)(*args)
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return getattr(triton_wa, name)(*args)
+
+    return call
+
+
+for _entry, _fn in _ENTRIES.items():
+    TABLE.register("triton", _entry, _triton(_fn.__name__), first_tensor_reason(gpu_dtype_reason))
 
 
 def _run(entry: str, *args):

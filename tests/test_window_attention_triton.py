@@ -1,0 +1,179 @@
+"""Triton window attention, the paths tests/test_window_attention.py does not reach on its shapes: the
+tiled path of large windows on small ones (row and column kernels, several blocks per window), several
+windows per program in the fused backward, fp16/bf16 gradients, and the fallback for float64. Run on CPU
+tensors through the interpreter (shapes sized for it), on CUDA tensors when there is a device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_kernels as vk
+from vlm_kernels.ops import window_attention as wa_ops
+from vlm_kernels.ops.window_attention import window_attention, windowed_attention
+from vlm_kernels.reference import window_attention as ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _triton_here():
+    reason = wa_ops.TABLE.reason("triton", "forward", DEVICE)
+    if reason:
+        pytest.skip(f"triton: {reason}")
+
+
+@pytest.fixture
+def kernels():
+    from vlm_kernels.triton import window_attention as tw
+
+    return tw
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _map_inputs(dtype=torch.float32, b=2, h=13, w=17, heads=2, d=8, window=(7, 7), seed=0):
+    g = _gen(seed)
+    c = heads * d
+    qkv = torch.randn(b, h, w, 3 * c, generator=g)
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), heads, generator=g)
+    dense = torch.randn(heads, window[0] * window[1], window[0] * window[1], generator=g)
+    pad = torch.randn(3 * c, generator=g)
+    logit_scale = torch.tensor([1.0, 5.0] + [2.5] * (heads - 2)).view(heads, 1, 1)  # head 1 above the clamp
+    return [t.to(DEVICE, dtype) for t in (qkv, table, dense, pad, logit_scale)]
+
+
+def _grads(fn, leaves, dy_seed=11):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    dy = torch.randn(out.shape, generator=_gen(dy_seed)).to(out)
+    return out.detach(), torch.autograd.grad(out, leaves, dy)
+
+
+def _assert_close_rel(got, expect, tol, what):
+    for i, (a, b) in enumerate(zip(got, expect)):
+        err = (a.double() - b.double()).abs().max().item()
+        scale = b.double().abs().max().item() + 1e-30
+        assert err <= tol * scale, (what, i, err, scale)
+
+
+def _map_cases(inputs, window, shift):
+    qkv, table, dense, pad, ls = inputs
+    v1 = (lambda a, b, c: window_attention(a, num_heads=2, window_size=window, shift_size=shift, rel_pos_bias=b,
+                                           pad_qkv=c), (qkv, table, pad))
+    v2 = (lambda a, b, c, e: window_attention(a, num_heads=2, window_size=window, shift_size=shift, rel_pos_bias=b,
+                                              pad_qkv=c, logit_scale=e), (qkv, dense, pad, ls))
+    return v1, v2
+
+
+def _check_against_reference(cases, tol=2e-5):
+    for fn, leaves in cases:
+        with vk.use_backend("reference"):
+            y_ref, g_ref = _grads(fn, leaves)
+        with vk.use_backend("triton"):
+            y, g = _grads(fn, leaves)
+        _assert_close_rel((y,), (y_ref,), tol, "forward")
+        _assert_close_rel(g, g_ref, tol, "gradients")
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (3, 2)])
+def test_tiled_path_of_large_windows(kernels, monkeypatch, shift):
+    """7x7 windows through the row/column kernels with 32 x 32 tiles (2 blocks per window edge)."""
+    monkeypatch.setattr(kernels, "FUSED_MAX", 16)
+    monkeypatch.setattr(kernels, "TILE", 32)
+    inputs = _map_inputs(b=1, h=9, w=12)  # 2 x 2 windows, padded
+    _check_against_reference(_map_cases(inputs, (7, 7), shift))
+    q, k, v = (torch.randn(4, 2, 49, 8, generator=_gen(i)).to(DEVICE) for i in range(3))
+    mask = ref.shift_mask(14, 14, (7, 7), (3, 3)).to(DEVICE)
+    dense, ls = inputs[2], inputs[4]
+    _check_against_reference([
+        (lambda a, b, c, e: windowed_attention(a, b, c, bias=e, mask=mask), (q, k, v, dense)),
+        (lambda a, b, c, e: windowed_attention(a, b, c, logit_scale=e, mask=mask[:2]), (q, k, v, ls)),
+    ])
+
+
+def test_several_windows_per_program(kernels, monkeypatch):
+    """The fused backward's window groups, with a last group shorter than the others."""
+    monkeypatch.setattr(kernels, "BWD_PROGRAMS", 1)
+    monkeypatch.setattr(kernels, "MAX_WINDOWS_PER_PROGRAM", 5)
+    inputs = _map_inputs(b=3)  # 3 x 6 windows of 7x7: groups of 5, the last of 3
+    _check_against_reference(_map_cases(inputs, (7, 7), (3, 3)))
+
+
+def test_rectangular_window_larger_than_map():
+    inputs = _map_inputs(h=3, w=5, window=(4, 6))
+    _check_against_reference(_map_cases(inputs, (4, 6), (2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_bounded_by_torch_own_error(dtype):
+    """fp16/bf16 forward and gradients against float64, at most ~2x the error of the same math done by
+    autograd at that precision (timm's eager block in that dtype)."""
+    heads, d, window, shift = 3, 16, (7, 7), (3, 3)
+    exact_in = _map_inputs(torch.float64, heads=heads, d=d)
+    qkv, table, pad = exact_in[0], exact_in[1], exact_in[3]
+
+    def torch_own(a, b, c):  # unfused, every step in a's dtype
+        h, w = a.shape[1], a.shape[2]
+        q, k, v, hp, wp = ref.windows_qkv(a, c, heads, window, shift)
+        s = (q * d ** -0.5) @ k.transpose(-2, -1) + ref.dense_bias(b, window, heads)
+        s = s.view(a.shape[0], -1, heads, 49, 49) + ref.shift_mask(hp, wp, window, shift, a.device, a.dtype)[None, :, None]
+        o = torch.softmax(s.view(-1, heads, 49, 49), -1) @ v
+        return ref.heads_to_map(o, window, h, w, hp, wp, shift)
+
+    def fused(a, b, c):
+        return window_attention(a, num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias=b, pad_qkv=c)
+
+    y_exact, g_exact = _grads(torch_own, (qkv, table, pad))
+    low = [t.to(dtype) for t in (qkv, table, pad)]
+    y_torch, g_torch = _grads(torch_own, low)
+    with vk.use_backend("triton"):
+        y_ours, g_ours = _grads(fused, low)
+    assert y_ours.dtype == dtype and all(g.dtype == dtype for g in g_ours)
+    for name, ours, theirs, exact in zip(("out", "qkv", "table", "pad"), (y_ours,) + g_ours, (y_torch,) + g_torch,
+                                         (y_exact,) + g_exact):
+        scale = exact.abs().max().item()
+        our_err = (ours.double() - exact).abs().max().item() / scale
+        torch_err = (theirs.double() - exact).abs().max().item() / scale
+        assert our_err <= 2 * torch_err + 1e-4, (name, dtype, our_err, torch_err)
+
+
+def test_float64_falls_back_or_says_why():
+    qkv = torch.randn(1, 7, 7, 24, dtype=torch.float64, device=DEVICE)
+    with vk.use_backend("triton"), pytest.raises(vk.BackendUnavailableError, match="float64"):
+        window_attention(qkv, num_heads=2, window_size=7)
+    assert "float64" in wa_ops.TABLE.reason("triton", "backward", DEVICE, qkv)
+
+
+# Swin's real shapes on a GPU (skipped without one; run by the GPU check script): every tile
+# configuration compiles for the device and matches the reference in every dtype.
+GPU_CASES = [
+    pytest.param(8, 56, 56, 3, 32, 7, 3, id="swin-t-stage1"),
+    pytest.param(8, 14, 14, 12, 32, 7, 3, id="swin-t-stage3"),
+    pytest.param(2, 20, 20, 4, 32, 12, 6, id="w12-pad"),
+    pytest.param(2, 32, 20, 2, 128, 16, 8, id="w16-d128-pad"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,h,w,heads,d,win,shift", GPU_CASES)
+def test_gpu_shapes_match_reference(dtype, b, h, w, heads, d, win, shift):
+    inputs = _map_inputs(torch.float32, b=b, h=h, w=w, heads=heads, d=d, window=(win, win))
+    qkv, table, dense, pad, ls = inputs
+    cases = [
+        (lambda a, t, c: window_attention(a, num_heads=heads, window_size=win, shift_size=shift, rel_pos_bias=t,
+                                          pad_qkv=c), (qkv, table, pad)),
+        (lambda a, t, c, e: window_attention(a, num_heads=heads, window_size=win, shift_size=shift, rel_pos_bias=t,
+                                             pad_qkv=c, logit_scale=e), (qkv, dense, pad, ls)),
+    ]
+    for fn, leaves in cases:
+        with vk.use_backend("reference"):
+            y_exact, g_exact = _grads(fn, [t.to(dtype).double() for t in leaves])  # the same rounded inputs
+        with vk.use_backend("triton"):
+            y, g = _grads(fn, [t.to(dtype) for t in leaves])
+        # fp32: IEEE dots, float32 rounding; fp16/bf16: p and ds are rounded to the dtype for the dots.
+        tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+        _assert_close_rel((y,) + tuple(g), (y_exact,) + tuple(g_exact), tol, str(dtype))
