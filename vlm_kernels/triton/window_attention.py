@@ -125,9 +125,10 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
     interpreter stores bfloat16 as uint16 and would multiply the bit patterns; the products of bf16
     values are exact in fp32, so the result equals the GPU's bf16 MMA to accumulation order)."""
     if DOT_PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
+        c = tl.dot(a, b, input_precision=DOT_PREC)
+    return c
 
 
 @triton.jit
@@ -147,10 +148,19 @@ def _cos_operand(x, den, COSINE: tl.constexpr, DOT_PREC: tl.constexpr):
     products in the MMA) and the factor ``1 / max(|x|, eps)`` applied in fp32, which is more accurate than
     rounding normalised rows back to 16 bits. v1: ``x`` itself (the factor is unused).
     """
-    if COSINE and DOT_PREC == "ieee":
-        return x.to(tl.float32) / den[:, None], den * 0.0 + 1.0
+    # Nested constexpr ifs and one return: older Triton front ends reject `and` on constexprs and early
+    # returns from branches.
+    if COSINE:
+        if DOT_PREC == "ieee":
+            xo = x.to(tl.float32) / den[:, None]
+            f = den * 0.0 + 1.0
+        else:
+            xo = x
+            f = 1.0 / den
     else:
-        return x, 1.0 / den
+        xo = x
+        f = 1.0 / den
+    return xo, f
 
 
 @triton.jit
@@ -164,9 +174,10 @@ def _normalize_bwd(x, g, norm, den):
 @triton.jit
 def _logit_multiplier(ls_ptr, head, COSINE: tl.constexpr):
     if COSINE:
-        return tl.exp(tl.minimum(tl.load(ls_ptr + head).to(tl.float32), _LOG100))
+        t = tl.exp(tl.minimum(tl.load(ls_ptr + head).to(tl.float32), _LOG100))
     else:
-        return 1.0
+        t = 1.0
+    return t
 
 
 @triton.jit
@@ -187,15 +198,17 @@ def _scores(q, k, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, 
     pair = q_valid[:, None] & k_valid[None, :]
     if BIAS == 1:  # table ((2Mh-1)(2Mw-1), heads), gathered by relative index
         rel = (q_ty[:, None] - k_ty[None, :] + (MH - 1)) * (2 * MW - 1) + (q_tx[:, None] - k_tx[None, :] + (MW - 1))
-        s += tl.load(bias_ptr + rel * heads + head, mask=pair, other=0.0).to(tl.float32)
+        # Per-element offsets stay int32 (a 64-bit [BM, BN] offset tensor costs 2 registers per element);
+        # the 64-bit per-head/per-window bases go on the scalar pointer.
+        s += tl.load((bias_ptr + head) + rel * heads, mask=pair, other=0.0).to(tl.float32)
     elif BIAS == 2:  # dense (heads, N, N)
-        s += tl.load(bias_ptr + ((head * N + qi[:, None]) * N + kj[None, :]), mask=pair, other=0.0).to(tl.float32)
+        s += tl.load((bias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), mask=pair, other=0.0).to(tl.float32)
     if MASK == 1:  # shifted windows: tokens on different sides of a cut
         differ = (q_fy[:, None] != k_fy[None, :]) | (q_fx[:, None] != k_fx[None, :])
         s = tl.where(differ, s + _MASK_VALUE, s)
     elif MASK == 2:  # dense (nW, N, N), mask[w % nW]
-        m_off = ((w % n_mask) * N + qi[:, None]) * N + kj[None, :]
-        s += tl.load(mask_ptr + m_off, mask=pair, other=0.0).to(tl.float32)
+        s += tl.load((mask_ptr + (w % n_mask) * N * N) + (qi[:, None] * N + kj[None, :]), mask=pair,
+                     other=0.0).to(tl.float32)
     s = tl.where(k_valid[None, :], s, float("-inf"))
     return s, cos
 
@@ -331,7 +344,7 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, 
             dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
     if BIAS != 0:
         pair = (idx < N)[:, None] & (idx < N)[None, :]
-        tl.atomic_add(dbias_ptr + ((head * N + idx[:, None]) * N + idx[None, :]), dbias_acc, mask=pair)
+        tl.atomic_add((dbias_ptr + head * N * N) + (idx[:, None] * N + idx[None, :]), dbias_acc, mask=pair)
     if COSINE:
         tl.atomic_add(dt_ptr + head, tl.sum(dt_acc, axis=0))
     if HAS_PAD:
@@ -416,7 +429,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, d
                 g += _dot(ds.to(k.dtype), k, DOT_PREC)
             if BIAS != 0:
                 pair = q_valid[:, None] & k_valid[None, :]
-                tl.atomic_add(dbias_ptr + ((head * N + qi[:, None]) * N + kj[None, :]), ds, mask=pair)
+                tl.atomic_add((dbias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), ds, mask=pair)
         if COSINE:
             dq = _normalize_bwd(q, g, q_norm, q_den)
         else:
@@ -513,14 +526,14 @@ def _blocks(n: int, d: int) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     fused = np2 <= FUSED_MAX
     tile = np2 if fused else TILE
-    # A 64 x 64 fp32 tile is 32 registers per thread at 4 warps. The forward keeps ~2 such tiles live
-    # (s, e) next to q, k, v and the accumulator; the backward ~6 (s, p, dp, ds, cos, the bias
-    # accumulator) next to q, k, v, do and three gradients: 8 warps keep it under 255 registers for head
-    # dims up to 64 (wider heads may spill; correct, slower). Estimated, not measured with ptxas.
-    fwd_warps = 4 if block_d <= 64 and tile * tile <= 4096 else 8
-    # No software pipelining: the loops are short (one iteration for one-tile windows) and the gathered
-    # row loads would only take shared memory away from the dots.
-    return dict(fused=fused, np2=np2, tile=tile, block_d=block_d, fwd_warps=fwd_warps, bwd_warps=8, num_stages=1)
+    # 8 warps for 64 x 64 tiles. ptxas for sm_90 (Triton 3.8, compiled without a GPU; see the commit note):
+    # 64 x 64 tiles with d = 32 take 255 registers at 8 warps, the forward with <= 100 bytes of spill
+    # (848 bytes at 4 warps), the fused backward 350-1000 bytes (16 warps cap registers at 128 and
+    # spill more). Shared memory stays <= 160 KB (fp32, d = 128). Not timed on a GPU.
+    # No software pipelining (num_stages=1): the loops are short (one iteration for one-tile windows)
+    # and the gathered row loads would only take shared memory away from the dots.
+    warps = 4 if tile <= 32 else 8  # small windows (<= 32 tokens): 4 warps are plenty
+    return dict(fused=fused, np2=np2, tile=tile, block_d=block_d, fwd_warps=warps, bwd_warps=warps, num_stages=1)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
