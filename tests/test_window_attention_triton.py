@@ -177,3 +177,24 @@ def test_gpu_shapes_match_reference(dtype, b, h, w, heads, d, win, shift):
         # fp32: IEEE dots, float32 rounding; fp16/bf16: p and ds are rounded to the dtype for the dots.
         tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
         _assert_close_rel((y,) + tuple(g), (y_exact,) + tuple(g_exact), tol, str(dtype))
+
+
+def test_opcheck_with_triton():
+    """The torch.library contract (schema, fake kernels, autograd registration) holds with the Triton kernels."""
+    ops = torch.ops.vlm_kernels
+    qkv, table, dense, pad, ls = _map_inputs(b=1, h=5, w=7, d=4, window=(3, 4))
+    q, k, v = (torch.randn(4, 2, 12, 4, generator=_gen(i)).to(DEVICE).requires_grad_(True) for i in range(3))
+    mask = ref.shift_mask(6, 8, (3, 4), (1, 2)).to(DEVICE)
+    with vk.use_backend("triton"):
+        for p, bias, logit, shift, scale in ((pad, table, None, [1, 2], 0.5), (pad, dense, ls, [1, 2], 1.0)):
+            args = (qkv.requires_grad_(True), p, bias, logit, 2, [3, 4], shift, scale)
+            torch.library.opcheck(ops.window_attention_forward.default, args)
+            out, lse = ops.window_attention_forward(qkv.detach(), p, bias, logit, 2, [3, 4], shift, scale)
+            torch.library.opcheck(ops.window_attention_backward.default,
+                                  (torch.randn_like(out), qkv.detach(), out, lse, p, bias, logit, 2, [3, 4], shift, scale))
+        for bias, m, logit, scale in ((dense, mask[:2], None, 0.5), (None, None, ls, 1.0)):
+            torch.library.opcheck(ops.windowed_attention_forward.default, (q, k, v, bias, m, logit, scale))
+            out, lse = ops.windowed_attention_forward(q.detach(), k.detach(), v.detach(), bias, m, logit, scale)
+            torch.library.opcheck(ops.windowed_attention_backward.default,
+                                  (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, bias, m, logit,
+                                   scale))
