@@ -97,7 +97,8 @@ class DVAEConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DVAEConfig: {name} must be a positive int, got {value!r}")
         if self.n_hid % 4:
-            raise ValueError(f"DVAEConfig: n_hid must be a multiple of 4 (blocks use n_out / 4 hidden), got {self.n_hid}")
+            raise ValueError(f"DVAEConfig: n_hid must be a multiple of 4 (blocks use n_out / 4 hidden), "
+                             f"got {self.n_hid}")
 
     @property
     def downsample(self) -> int:

@@ -1,7 +1,7 @@
 """Gaussian VAE and beta-VAE on images.
 
 * Kingma & Welling, "Auto-Encoding Variational Bayes" (ICLR 2014): the encoder q(z|x) = N(mu(x),
-  diag(sigma^2(x))); the reparameterisation z = mu + sigma * eps, eps ~ N(0, I) (section 2.4, eq. 4);
+  diag(sigma^2(x))); the reparameterisation z = mu + sigma * eps, eps ~ N(0, I) (section 2.4);
   the SGVB estimator of the ELBO with the KL term in closed form (eq. 10, appendix B):
   ``-KL(q(z|x) || N(0, I)) = 1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)``;
   a Gaussian decoder p(x|z) = N(mu_dec(z), diag(sigma_dec^2)) (appendix C.2), here with one learned
@@ -96,7 +96,7 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling eq. 4)."""
+        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling section 2.4)."""
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -9,7 +9,7 @@
   beta = 0.25. With ``decay`` set, the codebook is the exponential moving average of appendix A.1
   instead of the codebook loss, optionally with k-means initialisation and dead-code reset
   (``threshold_ema_dead_code``, as vector-quantize-pytorch / Jukebox do).
-* Section 4.1 (images): two stride-2 4x4 convolutions, then two residual 3x3 blocks (ReLU, 3x3 conv,
+* Section 4 (the image experiments): two stride-2 4x4 convolutions, then two residual 3x3 blocks (ReLU, 3x3 conv,
   ReLU, 1x1 conv) of 256 hidden units; the decoder mirrors it with transposed convolutions. Sizes here
   are configurable (``hidden``, ``res_hidden``, ``num_res_blocks``, ``num_downsamples``).
 
@@ -54,7 +54,7 @@ class VQVAEConfig:
 
 
 class ResBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))) (section 4.1)."""
+    """x + conv1x1(relu(conv3x3(relu(x)))) (section 4)."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()

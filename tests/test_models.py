@@ -6,17 +6,23 @@ Tiny configurations only: the whole file runs in well under a minute on two core
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from python_models.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
-from python_models.dvae import (DiscreteVAE, DVAEConfig, convert_dall_e_state_dict, kl_weight_schedule,
+# python_models/ and examples/ live at the repository root, which `python -m pytest` puts on sys.path
+# and a bare `pytest` does not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from python_models.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint  # noqa: E402
+from python_models.dvae import (DiscreteVAE, DVAEConfig, convert_dall_e_state_dict, kl_weight_schedule,  # noqa: E402
                                 logit_laplace_nll, map_pixels, temperature_schedule, unmap_pixels)
-from python_models.vae import VAE, VAEConfig, beta_vae
-from python_models.vit import ViT, ViTConfig, resample_pos_embed
-from python_models.vqvae import VQVAE, VQVAEConfig
+from python_models.vae import VAE, VAEConfig, beta_vae  # noqa: E402
+from python_models.vit import ViT, ViTConfig, resample_pos_embed  # noqa: E402
+from python_models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -404,9 +410,7 @@ def test_vqvae_data_parallel_example_keeps_codebooks_identical(tmp_path):
     # torchrun --nproc_per_node=2 (gloo, CPU): the EMA statistics, k-means init and dead-code resets are
     # all-reduced by VectorQuantizer, with DDP's buffer broadcast off; the script fails if they differ.
     pytest.importorskip("skimage")
-    import os
     import subprocess
-    import sys
 
     import torch.distributed as dist
 
