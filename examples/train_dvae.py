@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1500, help="training steps (default: a few minutes on CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--patch", type=int, default=32, help="patch side in pixels")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab", type=int, default=512, help="number of tokens (8192 in the paper)")
     p.add_argument("--n-hid", type=int, default=32, help="dall_e's n_hid (256 in the paper)")
     p.add_argument("--n-init", type=int, default=32, help="dall_e's n_init (128 in the paper)")
