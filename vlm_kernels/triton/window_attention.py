@@ -322,26 +322,31 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, 
         p = p / tl.where(rsum > 0, rsum, 1.0)[:, None]
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        # Reductions first and each gradient stored as soon as it is made: fewer [BLOCK, BLOCK] tiles
+        # live at once (register spills).
+        if BIAS != 0:
+            dbias_acc += ds
+        if COSINE:
+            dt_acc += tl.sum(ds * cos, axis=0)
+        in_offs = row[:, None] * in_stride + in_col + dcol[None, :]
+        padded = (valid & ~real)[:, None]
         dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        tl.store(dv_ptr + (in_offs + v_off), dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
+        if HAS_PAD:
+            dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
         if COSINE:
             dsc = ds * t
             dq = _normalize_bwd(q, _dot((dsc * rk[None, :]).to(ko.dtype), ko, DOT_PREC), q_norm, q_den)
+            tl.store(dq_ptr + in_offs, dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
             dk = _normalize_bwd(k, _dot(tl.trans((dsc * rq[:, None]).to(qo.dtype)), qo, DOT_PREC),
                                 k_norm, k_den)
-            dt_acc += tl.sum(ds * cos, axis=0)
         else:
             dq = _dot(ds.to(k.dtype), k, DOT_PREC) * scale
+            tl.store(dq_ptr + in_offs, dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
             dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_PREC) * scale
-        in_offs = row[:, None] * in_stride + in_col + dcol[None, :]
-        tl.store(dq_ptr + in_offs, dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
         tl.store(dk_ptr + (in_offs + k_off), dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
-        tl.store(dv_ptr + (in_offs + v_off), dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
-        if BIAS != 0:
-            dbias_acc += ds
         if HAS_PAD:
-            padded = (valid & ~real)[:, None]
             dpk_acc += tl.sum(tl.where(padded, dk, 0.0), axis=0)
-            dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
     if BIAS != 0:
         pair = (idx < N)[:, None] & (idx < N)[None, :]
         tl.atomic_add((dbias_ptr + head * N * N) + (idx[:, None] * N + idx[None, :]), dbias_acc, mask=pair)
@@ -527,9 +532,10 @@ def _blocks(n: int, d: int) -> dict:
     fused = np2 <= FUSED_MAX
     tile = np2 if fused else TILE
     # 8 warps for 64 x 64 tiles. ptxas for sm_90 (Triton 3.8, compiled without a GPU; see the commit note):
-    # 64 x 64 tiles with d = 32 take 255 registers at 8 warps, the forward with <= 100 bytes of spill
-    # (848 bytes at 4 warps), the fused backward 350-1000 bytes (16 warps cap registers at 128 and
-    # spill more). Shared memory stays <= 160 KB (fp32, d = 128). Not timed on a GPU.
+    # 64 x 64 tiles with d = 32 take 255 registers at 8 warps: the forward spills 8-370 bytes (848 at
+    # 4 warps), the fused backward ~300 (fp16 v1) to ~1550 (fp32 v2) (16 warps cap registers at 128 and
+    # spill more); d = 128 and fp32 (IEEE FMA dots) spill more. Shared memory stays <= 160 KB (fp32,
+    # d = 128). Not timed on a GPU.
     # No software pipelining (num_stages=1): the loops are short (one iteration for one-tile windows)
     # and the gathered row loads would only take shared memory away from the dots.
     warps = 4 if tile <= 32 else 8  # small windows (<= 32 tokens): 4 warps are plenty
