@@ -12,9 +12,8 @@ broadcast by DDP here, and the script checks at the end that the ranks' codebook
 
 Reports the reconstruction error (MSE and PSNR on [0, 1] pixels) on held-out patches of a photograph
 not trained on and on fresh patches of the training photographs, and codebook usage: the fraction of
-the codes that the encoder actually picks on those patches (and their perplexity). The EMA running
-counts that ``VectorQuantizer.usage()`` reads are printed too, but with dead-code reset they are at
-least the threshold for every code, so they cannot show dead codes. Writes
+the codes that the encoder actually picks on those patches (and their perplexity), and
+``VectorQuantizer.usage()``: the same for the last training batch. Writes
 ``<out>/vqvae_reconstructions.png`` (originals above reconstructions) and ``<out>/vqvae.pt``.
 """
 
@@ -151,18 +150,15 @@ def main(argv=None) -> dict:
 
     result = {"steps": args.steps, "train_seconds": train_time,
               "held_out": evaluate(model, eval_held), "train_photos": evaluate(model, eval_train)}
-    if ema:
-        usage = model.codebook_usage()
-        result["ema_counts"] = {"used_fraction": float(usage["used_fraction"]),
-                                "perplexity": float(usage["perplexity"])}
+    usage = model.codebook_usage()
+    result["last_batch"] = {"used_fraction": float(usage["used_fraction"]), "perplexity": float(usage["perplexity"])}
     print(f"trained {args.steps} steps in {train_time:.0f} s")
     for split in ("held_out", "train_photos"):
         r = result[split]
         print(f"{split:>12}: reconstruction MSE {r['mse']:.5f} (PSNR {r['psnr']:.2f} dB); codes used "
               f"{r['used']:.1%} of {args.codebook_size}, perplexity {r['perplexity']:.1f}")
-    if ema:
-        print(f"EMA running counts: {result['ema_counts']['used_fraction']:.1%} of codes >= 1, "
-              f"perplexity {result['ema_counts']['perplexity']:.1f}")
+    print(f"last training batch: {result['last_batch']['used_fraction']:.1%} of codes picked, "
+          f"perplexity {result['last_batch']['perplexity']:.1f}")
 
     os.makedirs(args.out, exist_ok=True)
     model.eval()

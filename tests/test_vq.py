@@ -408,6 +408,19 @@ def test_layer_trains(decay):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_usage_counts_the_codes_picked_in_the_last_batch():
+    torch.manual_seed(0)
+    for decay in (None, 0.9):
+        layer = VectorQuantizer(4, 16, decay=decay, threshold_ema_dead_code=0 if decay is None else 5.0)
+        x = torch.randn(64, 4)
+        _, idx, _ = layer(x)
+        expected = torch.unique(idx).numel() / 16
+        usage = layer.usage()
+        assert float(usage["used_fraction"]) == pytest.approx(expected)
+        counts = torch.bincount(idx, minlength=16).float()
+        torch.testing.assert_close(usage["perplexity"], vk.perplexity(counts))
+
+
 def test_kmeans_init_starts_near_the_clusters():
     torch.manual_seed(0)
     centres = torch.randn(8, 16) * 4

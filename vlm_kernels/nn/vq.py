@@ -99,6 +99,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("cluster_size", torch.ones(codebook_size))
             self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        # Codes picked in the last training batch (summed over ranks when syncing): what `usage` reports.
+        # Not the EMA counts, which a dead-code reset sets back to the threshold.
+        self.register_buffer("batch_counts", torch.zeros(codebook_size), persistent=False)
         self._initted = not kmeans_init  # a Python mirror: no host sync (or guard on a tensor) per call
 
     @property
@@ -176,7 +179,18 @@ class VectorQuantizer(nn.Module):
         x_in = F.normalize(x, dim=dim) if self.use_cosine_sim else x
         if self.decay is None:
             codebook = self.codebook.to(x.dtype)
-            return vq_quantize(x_in, codebook, beta=self.commitment_weight, dim=dim, codebook_weight=1.0)
+            quantized, indices, loss = vq_quantize(x_in, codebook, beta=self.commitment_weight, dim=dim,
+                                                   codebook_weight=1.0)
+            if self.training:
+                with torch.no_grad():
+                    counts = torch.zeros_like(self.batch_counts).index_add_(
+                        0, indices.reshape(-1), torch.ones_like(indices.reshape(-1), dtype=self.batch_counts.dtype))
+                    if self._sync():
+                        from ..ops.vq import _all_reduce_
+
+                        counts = _all_reduce_(counts, None)
+                    self.batch_counts.copy_(counts)
+            return quantized, indices, loss
         # EMA codebook: no gradient; the lookup uses this step's codebook (a copy, since the update
         # below changes the buffer in place and the backward needs the codes that were picked).
         codebook = self.embed.detach().to(x.dtype)
@@ -185,9 +199,10 @@ class VectorQuantizer(nn.Module):
         quantized, indices, loss = vq_quantize(x_in, codebook, beta=self.commitment_weight, dim=dim,
                                                codebook_weight=0.0)
         if self.training:
-            vq_ema_update_(self.embed, self.cluster_size, self.embed_avg, x_in.detach(), indices, decay=self.decay,
-                           eps=self.eps, dim=dim, threshold_dead=self.threshold_ema_dead_code, sync=self._sync(),
-                           normalize=self.use_cosine_sim)
+            stats = vq_ema_update_(self.embed, self.cluster_size, self.embed_avg, x_in.detach(), indices,
+                                   decay=self.decay, eps=self.eps, dim=dim, threshold_dead=self.threshold_ema_dead_code,
+                                   sync=self._sync(), normalize=self.use_cosine_sim)
+            self.batch_counts.copy_(stats["counts"])
         return quantized, indices, loss
 
     # ------------------------------------------------------------------------------------------------
@@ -208,12 +223,12 @@ class VectorQuantizer(nn.Module):
         self._initted = bool(self.initted)
 
     def usage(self) -> dict[str, Tensor]:
-        """Codebook usage from the EMA counts: fraction of codes in use (count >= 1) and perplexity."""
-        if self.decay is None:
-            raise RuntimeError("VectorQuantizer.usage: only an EMA codebook (decay set) keeps usage counts")
+        """Code usage in the last training batch (all ranks' rows when syncing): the fraction of codes
+        picked at least once and the perplexity of the picks. (The EMA counts are not used: a dead-code
+        reset sets them back to the threshold, which would count a reset code as used.)"""
         from ..ops.vq import perplexity
 
-        return {"used_fraction": (self.cluster_size >= 1).float().mean(), "perplexity": perplexity(self.cluster_size)}
+        return {"used_fraction": (self.batch_counts > 0).float().mean(), "perplexity": perplexity(self.batch_counts)}
 
 
 __all__ = ["VectorQuantizer"]
