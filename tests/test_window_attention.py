@@ -250,6 +250,32 @@ def test_low_precision_error_bounded_by_torch_own_error(backend):
         assert our_err <= 2 * torch_err + 1e-6, (dtype, our_err, torch_err)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_many_windows_and_windows_split_between_threads(backend, threads):
+    """Many windows (batch 4 of a 56x35 map: 160 windows), 5 heads, so that the units (window, head) of
+    one window land on different threads: forward and every gradient element-wise vs the reference."""
+    g = _gen(40)
+    heads, d = 5, 16
+    qkv = torch.randn(4, 52, 33, 3 * heads * d, generator=g)  # padded to 56x35
+    table = torch.randn(169, heads, generator=g)
+    pad = torch.randn(3 * heads * d, generator=g)
+    dy = torch.randn(4, 52, 33, heads * d, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (qkv, table, pad)]
+    expect = ref.window_attention(leaves[0], heads, (7, 7), (3, 3), leaves[1], None, leaves[2])
+    g_expect = torch.autograd.grad(expect, leaves, dy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with vk.use_backend(backend):
+            got = window_attention(leaves[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=leaves[1],
+                                   pad_qkv=leaves[2])
+            g_got = torch.autograd.grad(got, leaves, dy)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    _assert_same_grads(("qkv", "table", "pad_qkv"), g_got, g_expect, 1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gradients, torch.library, torch.compile
 

@@ -198,10 +198,10 @@ T softmax_row(T* s, int64_t n) {
       _mm512_mask_storeu_ps(s + j, k, e);
     }
     const float total = _mm512_reduce_add_ps(sum);
-    const __m512 tv = _mm512_set1_ps(total);
+    const __m512 inv = _mm512_set1_ps(1.0f / total);  // one division per row, not per element
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 k = tail_mask(n - j);
-      _mm512_mask_storeu_ps(s + j, k, _mm512_div_ps(_mm512_maskz_loadu_ps(k, s + j), tv));
+      _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv));
     }
     return m + std::log(total);
   }
@@ -256,25 +256,25 @@ struct Work {
 
   // Stores token t's q, k, v (d values each, from any dtype) as the unit's operands.
   template <typename scalar_t>
-  void put(int64_t t, const scalar_t* qs, const scalar_t* ks, const scalar_t* vs, const Params<acc_t>& p,
-           bool backward) {
-    acc_t* qr = q.data() + t * dp;
-    acc_t* kr = k.data() + t * dp;
-    acc_t* vr = v.data() + t * dp;
-    for (int64_t c = 0; c < d; ++c) {
-      qr[c] = to_acc<acc_t>(qs[c]);
-      kr[c] = to_acc<acc_t>(ks[c]);
-      vr[c] = to_acc<acc_t>(vs[c]);
-    }
+  void put(int64_t t, const scalar_t* __restrict qs, const scalar_t* __restrict ks, const scalar_t* __restrict vs,
+           const Params<acc_t>& p, bool backward) {
+    acc_t* __restrict qr = q.data() + t * dp;
+    acc_t* __restrict kr = k.data() + t * dp;
+    acc_t* __restrict vr = v.data() + t * dp;
+    const acc_t sc = p.cosine ? acc_t(1) : p.scale;
+    for (int64_t c = 0; c < d; ++c) qr[c] = to_acc<acc_t>(qs[c]) * sc;  // * 1 is exact for v2
+    for (int64_t c = 0; c < d; ++c) kr[c] = to_acc<acc_t>(ks[c]);
+    for (int64_t c = 0; c < d; ++c) vr[c] = to_acc<acc_t>(vs[c]);
     if (p.cosine) {
       normalise(qr, &qnorm[t], &qden[t]);
       normalise(kr, &knorm[t], &kden[t]);
-    } else {
-      for (int64_t c = 0; c < d; ++c) qr[c] = qr[c] * p.scale;
     }
-    for (int64_t c = 0; c < d; ++c) kt[c * Np + t] = kr[c];
-    if (backward)
-      for (int64_t c = 0; c < d; ++c) vt[c * Np + t] = vr[c];
+    acc_t* __restrict ktc = kt.data() + t;
+    for (int64_t c = 0; c < d; ++c) ktc[c * Np] = kr[c];
+    if (backward) {
+      acc_t* __restrict vtc = vt.data() + t;
+      for (int64_t c = 0; c < d; ++c) vtc[c * Np] = vr[c];
+    }
   }
 
   void normalise(acc_t* x, acc_t* norm, acc_t* den) const {
@@ -325,8 +325,14 @@ struct Work {
     for (int64_t i = 0; i < N; ++i) {
       const acc_t* pr = s.data() + i * Np;
       acc_t* dr = dp_.data() + i * Np;
-      acc_t D = 0;
-      for (int64_t j = 0; j < N; ++j) D += pr[j] * dr[j];
+      // D = rowsum(P dP) / rowsum(P): the rows of dS then sum to zero to rounding even though the rows of
+      // P sum to one only to rounding (the logit-scale gradient is a cancelling sum of dS * cos).
+      acc_t D = 0, rowsum = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        D += pr[j] * dr[j];
+        rowsum += pr[j];
+      }
+      D = D / rowsum;
       for (int64_t j = 0; j < N; ++j) dr[j] = pr[j] * (dr[j] - D);
       if (dbias) {
         double* br = dbias + i * N;
@@ -567,14 +573,94 @@ Params<acc_t> map_params(const MapGeometry& g, const std::optional<at::Tensor>& 
   return p;
 }
 
-// Gathers unit (window, head h)'s q, k, v; the window's positions and labels must be in w.pos / w.label.
+// A thread's staging area for the window it is working on: the window's token rows, read once per
+// window as whole contiguous rows (the heads of a window are consecutive units, so the rows are fetched
+// from memory once with sequential access instead of d-wide pieces per head), and its results, written
+// back as whole rows when the window is done. `h_lo` .. `h_hi` are the heads this thread computed for the
+// window (a window can be split between two threads at a chunk boundary: each writes only its heads).
+template <typename acc_t>
+struct WindowStage {
+  int64_t win = -1, h_lo = 0, h_hi = -1;
+  bool mixed = false;
+  std::vector<acc_t> in;    // N x 3C: qkv rows (pad rows for padded tokens)
+  std::vector<acc_t> go;    // N x C: grad_out rows (backward; zero rows for padded tokens)
+  std::vector<acc_t> res;   // N x C (forward out) or N x 3C (backward dqkv)
+  std::vector<acc_t> lse;   // N x heads (forward)
+};
+
+template <typename acc_t, typename scalar_t>
+inline void convert_row(acc_t* dst, const scalar_t* src, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_acc<acc_t>(src[i]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
-void gather_map(Work<acc_t>& w, const MapGeometry& g, const scalar_t* qkv, const scalar_t* pad, int64_t h,
-                const Params<acc_t>& p, bool backward) {
+inline void store_row(scalar_t* dst, const acc_t* src, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// Loads window `win`'s token rows (and grad_out rows when `go` is given) into the stage.
+template <typename scalar_t, typename acc_t>
+void load_window(WindowStage<acc_t>& st, Work<acc_t>& w, const MapGeometry& g, int64_t win, const scalar_t* qkv,
+                 const scalar_t* pad, const scalar_t* go) {
+  st.win = win;
+  st.h_lo = -1;
+  st.h_hi = -1;
+  st.mixed = g.tokens(win, w.pos.data(), w.label.data());
   const int64_t c3 = 3 * g.C;
   for (int64_t t = 0; t < g.N; ++t) {
-    const scalar_t* row = w.pos[t] >= 0 ? qkv + w.pos[t] * c3 : pad;
-    w.put(t, row + h * g.d, row + g.C + h * g.d, row + 2 * g.C + h * g.d, p, backward);
+    const int64_t pos = w.pos[t];
+    convert_row(st.in.data() + t * c3, pos >= 0 ? qkv + pos * c3 : pad, c3);
+    if (go) {
+      acc_t* dst = st.go.data() + t * g.C;
+      if (pos >= 0)
+        convert_row(dst, go + pos * g.C, g.C);
+      else
+        std::fill(dst, dst + g.C, acc_t(0));  // a padded query is cropped: no incoming gradient
+    }
+  }
+}
+
+// The unit (window, h)'s q, k, v from the staged rows.
+template <typename acc_t>
+void gather_head(Work<acc_t>& w, const WindowStage<acc_t>& st, const MapGeometry& g, int64_t h,
+                 const Params<acc_t>& p, bool backward) {
+  const int64_t c3 = 3 * g.C;
+  for (int64_t t = 0; t < g.N; ++t) {
+    const acc_t* row = st.in.data() + t * c3 + h * g.d;
+    w.put(t, row, row + g.C, row + 2 * g.C, p, backward);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void flush_forward(const WindowStage<acc_t>& st, const Work<acc_t>& w, const MapGeometry& g, scalar_t* out,
+                   acc_t* lse) {
+  if (st.win < 0 || st.h_lo < 0) return;
+  const int64_t c0 = st.h_lo * g.d, nc = (st.h_hi - st.h_lo + 1) * g.d, nh = st.h_hi - st.h_lo + 1;
+  for (int64_t t = 0; t < g.N; ++t) {
+    const int64_t pos = w.pos[t];
+    if (pos < 0) continue;
+    store_row(out + pos * g.C + c0, st.res.data() + t * g.C + c0, nc);
+    std::memcpy(lse + pos * g.heads + st.h_lo, st.lse.data() + t * g.heads + st.h_lo, nh * sizeof(acc_t));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void flush_backward(const WindowStage<acc_t>& st, const Work<acc_t>& w, const MapGeometry& g, scalar_t* dqkv) {
+  if (st.win < 0 || st.h_lo < 0) return;
+  const int64_t c0 = st.h_lo * g.d, nc = (st.h_hi - st.h_lo + 1) * g.d, c3 = 3 * g.C;
+  for (int64_t t = 0; t < g.N; ++t) {
+    const int64_t pos = w.pos[t];
+    if (pos < 0) continue;
+    for (int64_t part = 0; part < 3; ++part)
+      store_row(dqkv + pos * c3 + part * g.C + c0, st.res.data() + t * c3 + part * g.C + c0, nc);
   }
 }
 
@@ -591,24 +677,26 @@ void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv
   const int64_t units = g.windows() * g.heads;
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     Work<acc_t> w(g.N, g.d, false);
-    int64_t win = -1;
-    bool mixed = false;
+    WindowStage<acc_t> st;
+    st.in.resize(g.N * 3 * g.C);
+    st.res.resize(g.N * g.C);
+    st.lse.resize(g.N * g.heads);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t h = u % g.heads;
-      if (u / g.heads != win) {
-        win = u / g.heads;
-        mixed = g.tokens(win, w.pos.data(), w.label.data());
+      if (u / g.heads != st.win) {
+        flush_forward(st, w, g, o, l);
+        load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), nullptr);
       }
-      gather_map<scalar_t, acc_t>(w, g, x, pad.data(), h, p, false);
-      w.forward(p, h, nullptr, mixed);
+      gather_head(w, st, g, h, p, false);
+      w.forward(p, h, nullptr, st.mixed);
       for (int64_t t = 0; t < g.N; ++t) {
-        if (w.pos[t] < 0) continue;
-        scalar_t* orow = o + w.pos[t] * g.C + h * g.d;
-        const acc_t* src = w.dq.data() + t * w.dp;
-        for (int64_t c = 0; c < g.d; ++c) orow[c] = static_cast<scalar_t>(src[c]);
-        l[w.pos[t] * g.heads + h] = w.lse[t];
+        std::memcpy(st.res.data() + t * g.C + h * g.d, w.dq.data() + t * w.dp, g.d * sizeof(acc_t));
+        st.lse[t * g.heads + h] = w.lse[t];
       }
+      if (st.h_lo < 0) st.h_lo = h;
+      st.h_hi = h;
     }
+    flush_forward(st, w, g, o, l);
   });
 }
 
@@ -620,50 +708,41 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::
   const Params<acc_t> p = map_params<scalar_t, acc_t>(g, bias, ls, scale, bias_store);
   const std::vector<scalar_t> pad = pad_row<scalar_t>(pad_qkv, 3 * g.C);
   const scalar_t* x = qkv.const_data_ptr<scalar_t>();
-  const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
   scalar_t* dx = dqkv.mutable_data_ptr<scalar_t>();
   const bool want_bias = present(bias), want_pad = present(pad_qkv), want_ls = p.cosine;
-  const int64_t NN = g.N * g.N;
-  Accumulators acc_bias(want_bias ? g.heads * NN : 0), acc_pad(want_pad ? 3 * g.C : 0),
-      acc_ls(want_ls ? g.heads : 0);
+  const int64_t NN = g.N * g.N, c3 = 3 * g.C;
+  Accumulators acc_bias(want_bias ? g.heads * NN : 0), acc_pad(want_pad ? c3 : 0), acc_ls(want_ls ? g.heads : 0);
   const int64_t units = g.windows() * g.heads;
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     Work<acc_t> w(g.N, g.d, true);
+    WindowStage<acc_t> st;
+    st.in.resize(g.N * c3);
+    st.go.resize(g.N * g.C);
+    st.res.resize(g.N * c3);
     double* db = want_bias ? acc_bias.mine() : nullptr;
     double* dpd = want_pad ? acc_pad.mine() : nullptr;
     double* dl = want_ls ? acc_ls.mine() : nullptr;
-    int64_t win = -1;
-    bool mixed = false;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t h = u % g.heads;
-      if (u / g.heads != win) {
-        win = u / g.heads;
-        mixed = g.tokens(win, w.pos.data(), w.label.data());
+      if (u / g.heads != st.win) {
+        flush_backward(st, w, g, dx);
+        load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), gop);
       }
-      gather_map<scalar_t, acc_t>(w, g, x, pad.data(), h, p, true);
-      for (int64_t t = 0; t < g.N; ++t) {
-        acc_t* dst = w.dout.data() + t * w.dp;
-        if (w.pos[t] < 0) {
-          std::fill(dst, dst + g.d, acc_t(0));  // a padded query is cropped: no incoming gradient
-          continue;
-        }
-        const scalar_t* src = go + w.pos[t] * g.C + h * g.d;
-        for (int64_t c = 0; c < g.d; ++c) dst[c] = to_acc<acc_t>(src[c]);
-      }
-      const double dt = w.backward(p, h, nullptr, mixed, db ? db + h * NN : nullptr);
+      gather_head(w, st, g, h, p, true);
+      for (int64_t t = 0; t < g.N; ++t)
+        std::memcpy(w.dout.data() + t * w.dp, st.go.data() + t * g.C + h * g.d, g.d * sizeof(acc_t));
+      const double dt = w.backward(p, h, nullptr, st.mixed, db ? db + h * NN : nullptr);
       if (dl) dl[h] += dt;
-      const int64_t c3 = 3 * g.C;
       for (int64_t t = 0; t < g.N; ++t) {
         const acc_t* gq = w.dq.data() + t * w.dp;
         const acc_t* gk = w.dk.data() + t * w.dp;
         const acc_t* gv = w.dv.data() + t * w.dp;
         if (w.pos[t] >= 0) {
-          scalar_t* row = dx + w.pos[t] * c3 + h * g.d;
-          for (int64_t c = 0; c < g.d; ++c) {
-            row[c] = static_cast<scalar_t>(gq[c]);
-            row[g.C + c] = static_cast<scalar_t>(gk[c]);
-            row[2 * g.C + c] = static_cast<scalar_t>(gv[c]);
-          }
+          acc_t* row = st.res.data() + t * c3 + h * g.d;
+          std::memcpy(row, gq, g.d * sizeof(acc_t));
+          std::memcpy(row + g.C, gk, g.d * sizeof(acc_t));
+          std::memcpy(row + 2 * g.C, gv, g.d * sizeof(acc_t));
         } else if (dpd) {
           double* row = dpd + h * g.d;
           for (int64_t c = 0; c < g.d; ++c) {
@@ -673,7 +752,10 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::
           }
         }
       }
+      if (st.h_lo < 0) st.h_lo = h;
+      st.h_hi = h;
     }
+    flush_backward(st, w, g, dx);
   });
   if (want_bias) dbias = bias_gradient<scalar_t>(acc_bias.reduce(), *bias, g.heads, g.N, g.mh, g.mw);
   if (want_pad) dpad = from_double<scalar_t>(acc_pad.reduce(), *pad_qkv);
@@ -817,6 +899,9 @@ void windows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at:
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+at::Tensor zeros_of(at::IntArrayRef sizes, at::TensorOptions options) { return at::zeros(sizes, options); }
+at::Tensor empty_of(at::IntArrayRef sizes, at::TensorOptions options) { return at::empty(sizes, options); }
+
 at::Tensor zeros_like_opt(const std::optional<at::Tensor>& t) {
   return present(t) ? at::zeros(t->sizes(), t->options()) : at::Tensor();
 }
@@ -833,8 +918,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
   constexpr const char* fn = "window_attention_forward_cpu";
   const MapGeometry g = map_geometry(qkv, num_heads, window, shift, fn);
   check_map_inputs(qkv, g, pad_qkv, rel_pos_bias, logit_scale, fn);
-  at::Tensor out = at::zeros({g.B, g.H, g.W, g.C}, qkv.options());
-  at::Tensor lse = at::zeros({g.B, g.H, g.W, g.heads}, qkv.options().dtype(acc_type(qkv.scalar_type())));
+  // Every real (token, head) is written by exactly one unit: no zero fill needed.
+  const auto alloc = qkv.numel() == 0 ? &zeros_of : &empty_of;
+  at::Tensor out = alloc({g.B, g.H, g.W, g.C}, qkv.options());
+  at::Tensor lse = alloc({g.B, g.H, g.W, g.heads}, qkv.options().dtype(acc_type(qkv.scalar_type())));
   if (qkv.numel() == 0) return {out, lse};
   VLM_WA_DISPATCH(qkv.scalar_type(), fn, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -858,7 +945,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
               grad_out.sizes());
   (void)out;
   (void)lse;
-  at::Tensor dqkv = at::zeros(qkv.sizes(), qkv.options());
+  at::Tensor dqkv = (qkv.numel() == 0 ? &zeros_of : &empty_of)(qkv.sizes(), qkv.options());
   at::Tensor dpad = zeros_like_opt(pad_qkv), dbias = zeros_like_opt(rel_pos_bias), dls = zeros_like_opt(logit_scale);
   if (qkv.numel() == 0) return {dqkv, dpad, dbias, dls};
   VLM_WA_DISPATCH(qkv.scalar_type(), fn, [&] {
