@@ -22,7 +22,8 @@ import torch
 
 from .harness import copy_bandwidth, machine_record, measure
 
-OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq"}
+OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
+       "window_attention": "benchmarks.bench_window_attention"}
 
 
 def _fmt_bytes(n):

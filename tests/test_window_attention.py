@@ -98,7 +98,10 @@ def _check_block_against_timm(ours, theirs, x, backend, factor=4.0, floor=5e-5):
     y_theirs, g_theirs = _grads(theirs, x)
     with vk.use_backend(backend):
         y_ours, g_ours = _grads(ours, x)
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=2e-5)
+    # The forward too is bounded by timm's own float32 error: v2 scales logits by up to 100, where a
+    # fixed tolerance against timm's float32 output sits at the noise level.
+    fwd_ours, fwd_timm = _rel_err(y_ours, y_exact), _rel_err(y_theirs, y_exact)
+    assert fwd_ours <= factor * fwd_timm + 1e-6, ("output", fwd_ours, fwd_timm)
     assert set(g_ours) == set(g_theirs)
     for name, exact in g_exact.items():
         if exact is None:
