@@ -7,10 +7,15 @@ character error rate (CER) on held-out words.
 
 Data: random lowercase "words" (3 to 8 letters) rendered as 32 x 128 grayscale lines with the TrueType
 fonts found under /usr/share/fonts (DejaVu Sans/Serif/Mono when present) and Pillow's built-in
-``ImageFont.load_default(size)``, at random sizes and offsets. A fixed set of held-out words (its own
-seed) is never used in training; the CER is computed on those words rendered with every font (greedy
-decoding; beam search on a subset at the end). No downloads. Writes ``<out>/trocr.pt``,
-``<out>/trocr_log.txt`` and ``<out>/trocr_samples.png``.
+``ImageFont.load_default(size)``, at random sizes, ink levels and small offsets (left-aligned). A fixed
+set of held-out words (its own seed) is never used in training; the CER is computed on those words
+rendered with every font (greedy decoding; beam search on a subset at the end). No downloads. Writes
+``<out>/trocr.pt``, ``<out>/trocr_log.txt`` and ``<out>/trocr_samples.png``.
+
+Measured (2-core shared CPU, one thread, defaults: ViT encoder with 8x8 patches on the 32 x 128 line, 3
+blocks, width 128, 2 decoder blocks, 1.17M parameters, batch 48): 7500 steps in 2186 s; held-out CER
+0.71% greedy on 800 renderings of 200 held-out words (3.39% at step 5000, 5.68% at step 4000); beam 3
+1.03% vs greedy 1.03% on the first 120 renderings.
 """
 
 from __future__ import annotations
@@ -39,17 +44,17 @@ PREFERRED_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4000, help="training steps")
+    p.add_argument("--steps", type=int, default=7500, help="training steps (about 35 min on one core)")
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--encoder", choices=("vit", "swin"), default="vit")
-    p.add_argument("--patch", type=int, default=4, help="encoder patch side in pixels")
+    p.add_argument("--patch", type=int, default=8, help="encoder patch side in pixels")
     p.add_argument("--dim", type=int, default=128, help="encoder and decoder width")
     p.add_argument("--enc-depth", type=int, default=3)
     p.add_argument("--dec-depth", type=int, default=2)
     p.add_argument("--held-out", type=int, default=200, help="held-out words (each rendered with every font)")
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     p.add_argument("--beam", type=int, default=3, help="beam size of the final beam-search evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core to others)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,10 +78,11 @@ def find_fonts() -> list:
 
 
 class Renderer:
-    """Renders a word as a (1, H, W) float tensor in [0, 1] (ink = 1), at a random size and offset."""
+    """Renders a word as a (1, H, W) float tensor in [0, 1] (ink = 1), at a random size, ink level and small
+    offset (up to ``max_offset`` pixels from the left edge, +-2 pixels vertically)."""
 
-    def __init__(self, height: int = 32, width: int = 128, sizes=(17, 22)):
-        self.height, self.width, self.sizes = height, width, sizes
+    def __init__(self, height: int = 32, width: int = 128, sizes=(17, 22), max_offset: int = 4):
+        self.height, self.width, self.sizes, self.max_offset = height, width, sizes, max_offset
         self.font_factories = find_fonts()
         self._cache = {}
 
@@ -95,7 +101,9 @@ class Renderer:
             size -= 1
             font = self.font(font_index, size)
             left, top, right, bottom = font.getbbox(word)
-        x = rng.randint(0, max(0, self.width - (right - left) - 2)) - left
+        # left-aligned with a small jitter (as a line detector's crops are): the decoder can then align
+        # characters to image columns by position, which takes far fewer steps than a random placement
+        x = rng.randint(0, min(self.max_offset, max(0, self.width - (right - left) - 2))) - left
         y = (self.height - (bottom - top)) // 2 - top + rng.randint(-2, 2)
         img = Image.new("L", (self.width, self.height), 255)
         ImageDraw.Draw(img).text((x, y), word, fill=rng.randint(0, 60), font=font)
