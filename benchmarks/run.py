@@ -23,7 +23,7 @@ import torch
 from .harness import copy_bandwidth, machine_record, measure
 
 OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
-       "window_attention": "benchmarks.bench_window_attention"}
+       "window_attention": "benchmarks.bench_window_attention", "models": "benchmarks.bench_models"}
 
 
 def _fmt_bytes(n):
