@@ -96,3 +96,30 @@ def first_tensor_reason(reason_fn):
 
     return why_not
 
+
+
+def compiled_kernel(name: str):
+    """A backend entry that calls ``torch.ops.vlm_kernels_C.<name>`` (resolved at call time, so a missing
+    extension is reported by the backend table, not at import)."""
+
+    def call(*args):
+        return getattr(torch.ops.vlm_kernels_C, name)(*args)
+
+    return call
+
+
+def triton_kernel(module: str, name: str):
+    """A backend entry that calls ``vlm_kernels.triton.<module>.<name>``: Triton is imported only when
+    this backend runs, and kernels launch on the device of the first tensor argument."""
+
+    def call(*args):
+        import importlib
+
+        launchers = importlib.import_module(f"vlm_kernels.triton.{module}")
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return getattr(launchers, name)(*args)
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return getattr(launchers, name)(*args)
+
+    return call

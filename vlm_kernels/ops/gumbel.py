@@ -14,7 +14,7 @@ logits and the seed.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -25,34 +25,16 @@ from ._common import (
     check_float_tensor,
     check_nonempty_dim,
     check_positive_finite,
+    compiled_kernel,
     contiguous,
     first_tensor_reason,
     gpu_dtype_reason,
     normalize_dim,
     seed_tensor,
+    triton_kernel,
 )
 
 TABLE = OpTable("gumbel")
-
-
-def _compiled(name: str):
-    def call(*args):
-        return getattr(torch.ops.vlm_kernels_C, name)(*args)
-
-    return call
-
-
-def _triton(name: str):
-    def call(*args):
-        from ..triton import gumbel as triton_gumbel  # imports triton: only when this backend runs
-
-        device = args[0].device
-        if device.type != "cuda":
-            return getattr(triton_gumbel, name)(*args)
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return getattr(triton_gumbel, name)(*args)
-
-    return call
 
 
 _FN_NAMES = {
@@ -65,9 +47,9 @@ _FN_NAMES = {
 
 for _entry, _fn in _FN_NAMES.items():
     TABLE.register("reference", _entry, getattr(reference, _fn))
-    TABLE.register("cpu", _entry, _compiled(f"{_fn}_cpu"))
-    TABLE.register("cuda", _entry, _compiled(f"{_fn}_cuda"), first_tensor_reason(gpu_dtype_reason))
-    TABLE.register("triton", _entry, _triton(_fn), first_tensor_reason(gpu_dtype_reason))
+    TABLE.register("cpu", _entry, compiled_kernel(f"{_fn}_cpu"))
+    TABLE.register("cuda", _entry, compiled_kernel(f"{_fn}_cuda"), first_tensor_reason(gpu_dtype_reason))
+    TABLE.register("triton", _entry, triton_kernel("gumbel", _fn), first_tensor_reason(gpu_dtype_reason))
 
 
 def _run(entry: str, *args):

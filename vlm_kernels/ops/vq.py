@@ -17,48 +17,28 @@ contract (ties, cosine, non-finite rows) is in ``vlm_kernels.reference.vq``.
 from __future__ import annotations
 
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._backend import OpTable
 from ..reference import vq as reference
-from ._common import check_float_tensor, contiguous, describe, first_tensor_reason, gpu_dtype_reason, normalize_dim
+from ._common import (check_float_tensor, compiled_kernel, contiguous, describe, first_tensor_reason, gpu_dtype_reason,
+                      normalize_dim, triton_kernel)
 
 TABLE = OpTable("vq")
 METRICS = ("l2", "cosine")
 
 
-def _compiled(name: str):
-    def call(*args):
-        return getattr(torch.ops.vlm_kernels_C, name)(*args)
-
-    return call
-
-
-def _triton(name: str):
-    def call(*args):
-        from ..triton import vq as triton_vq  # imports triton: only when this backend runs
-
-        device = args[0].device
-        if device.type != "cuda":
-            return getattr(triton_vq, name)(*args)
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return getattr(triton_vq, name)(*args)
-
-    return call
-
-
 _gpu_reason = first_tensor_reason(gpu_dtype_reason)
 
 TABLE.register("reference", "nearest", reference.vq_nearest)
-TABLE.register("cpu", "nearest", _compiled("vq_nearest_cpu"))
-TABLE.register("triton", "nearest", _triton("vq_nearest"), _gpu_reason)
+TABLE.register("cpu", "nearest", compiled_kernel("vq_nearest_cpu"))
+TABLE.register("triton", "nearest", triton_kernel("vq", "vq_nearest"), _gpu_reason)
 TABLE.register("reference", "code_stats", reference.vq_code_stats)
-TABLE.register("cpu", "code_stats", _compiled("vq_code_stats_cpu"))
-TABLE.register("triton", "code_stats", _triton("vq_code_stats"), _gpu_reason)
-TABLE.register("cuda", "code_stats", _compiled("vq_code_stats_cuda"), _gpu_reason)
+TABLE.register("cpu", "code_stats", compiled_kernel("vq_code_stats_cpu"))
+TABLE.register("triton", "code_stats", triton_kernel("vq", "vq_code_stats"), _gpu_reason)
+TABLE.register("cuda", "code_stats", compiled_kernel("vq_code_stats_cuda"), _gpu_reason)
 
 
 def _run(entry: str, *args):

@@ -51,7 +51,8 @@ from torch import Tensor
 
 from .._backend import OpTable
 from ..reference import window_attention as reference
-from ._common import check_float_tensor, contiguous, describe, first_tensor_reason, gpu_dtype_reason
+from ._common import (check_float_tensor, compiled_kernel, contiguous, describe, first_tensor_reason, gpu_dtype_reason,
+                      triton_kernel)
 
 TABLE = OpTable("window_attention")
 
@@ -63,34 +64,10 @@ _ENTRIES = {
 }
 for _entry, _fn in _ENTRIES.items():
     TABLE.register("reference", _entry, _fn)
-
-
-def _compiled(name: str):
-    def call(*args):
-        return getattr(torch.ops.vlm_kernels_C, name)(*args)  # C++ returns None for an absent input's gradient
-
-    return call
-
-
-for _entry, _fn in _ENTRIES.items():
-    TABLE.register("cpu", _entry, _compiled(_fn.__name__ + "_cpu"))
-
-
-def _triton(name: str):
-    def call(*args):
-        from ..triton import window_attention as triton_wa  # imports triton: only when this backend runs
-
-        device = next(a.device for a in args if isinstance(a, Tensor))
-        if device.type != "cuda":
-            return getattr(triton_wa, name)(*args)
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return getattr(triton_wa, name)(*args)
-
-    return call
-
-
-for _entry, _fn in _ENTRIES.items():
-    TABLE.register("triton", _entry, _triton(_fn.__name__), first_tensor_reason(gpu_dtype_reason))
+    # The C++ kernels return None for an absent input's gradient.
+    TABLE.register("cpu", _entry, compiled_kernel(_fn.__name__ + "_cpu"))
+    TABLE.register("triton", _entry, triton_kernel("window_attention", _fn.__name__),
+                   first_tensor_reason(gpu_dtype_reason))
 
 
 def _run(entry: str, *args):
