@@ -36,6 +36,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -78,14 +80,21 @@ void gemm_plain(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t am, int
 }
 
 #if VLM_WA_AVX512
+// Epilogue of a tile: C = alpha * rs[r] * (init + A B) (init, rs optional). `init` has C's layout.
+struct Epilogue {
+  const float* init = nullptr;  // accumulator start values (ldc-strided), or zeros
+  const float* rs = nullptr;    // per-row factors, or none
+  float alpha = 1.0f;
+};
+
 template <int R, int V>
 inline void gemm_tile(int64_t K, const float* A, int64_t am, int64_t ak, const float* B, int64_t ldb, float* C,
-                      int64_t ldc) {
+                      int64_t ldc, const float* init, const float* rs, float alpha) {
   __m512 acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = init ? _mm512_loadu_ps(init + r * ldc + 16 * v) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
@@ -100,46 +109,55 @@ inline void gemm_tile(int64_t K, const float* A, int64_t am, int64_t ak, const f
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
     }
   }
+  const bool scaled = rs != nullptr || alpha != 1.0f;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_set1_ps(rs ? alpha * rs[r] : alpha);
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, scaled ? _mm512_mul_ps(acc[r][v], f) : acc[r][v]);
   }
 }
 
 template <int R>
 inline void gemm_tile_v(int vecs, int64_t K, const float* A, int64_t am, int64_t ak, const float* B, int64_t ldb,
-                        float* C, int64_t ldc) {
+                        float* C, int64_t ldc, const float* init, const float* rs, float alpha) {
   switch (vecs) {
-    case 1: gemm_tile<R, 1>(K, A, am, ak, B, ldb, C, ldc); break;
-    case 2: gemm_tile<R, 2>(K, A, am, ak, B, ldb, C, ldc); break;
-    case 3: gemm_tile<R, 3>(K, A, am, ak, B, ldb, C, ldc); break;
-    default: gemm_tile<R, 4>(K, A, am, ak, B, ldb, C, ldc); break;
+    case 1: gemm_tile<R, 1>(K, A, am, ak, B, ldb, C, ldc, init, rs, alpha); break;
+    case 2: gemm_tile<R, 2>(K, A, am, ak, B, ldb, C, ldc, init, rs, alpha); break;
+    case 3: gemm_tile<R, 3>(K, A, am, ak, B, ldb, C, ldc, init, rs, alpha); break;
+    default: gemm_tile<R, 4>(K, A, am, ak, B, ldb, C, ldc, init, rs, alpha); break;
   }
 }
 
-// ncols must be a multiple of 16. Tiles of up to 4 rows x 64 columns (8 rows x 32 columns when the
-// matrix is that narrow): 16 accumulators. Column chunks outermost so that a chunk of B stays in L1.
+// ncols must be a multiple of 16. Tiles of up to 6 rows x 64 columns (12 rows x 32 columns when the
+// matrix is that narrow): 24 accumulators. Column chunks outermost so that a chunk of B stays in L1.
 void gemm_f32(int64_t M, int64_t ncols, int64_t K, const float* A, int64_t am, int64_t ak, const float* B,
-              int64_t ldb, float* C, int64_t ldc) {
+              int64_t ldb, float* C, int64_t ldc, const Epilogue& ep = Epilogue()) {
   const int64_t total_vecs = ncols / 16;
-  const int64_t rmax = total_vecs <= 2 ? 8 : 4;
   for (int64_t v0 = 0; v0 < total_vecs; v0 += 4) {
     const int vecs = static_cast<int>(std::min<int64_t>(4, total_vecs - v0));
+    const int64_t rmax = vecs <= 2 ? 12 : 6;
     const float* b = B + 16 * v0;
     for (int64_t m0 = 0; m0 < M; m0 += rmax) {
       const int rows = static_cast<int>(std::min<int64_t>(rmax, M - m0));
       const float* a = A + m0 * am;
       float* c = C + m0 * ldc + 16 * v0;
+      const float* in = ep.init ? ep.init + m0 * ldc + 16 * v0 : nullptr;
+      const float* rs = ep.rs ? ep.rs + m0 : nullptr;
+      const float al = ep.alpha;
       switch (rows) {
-        case 1: gemm_tile_v<1>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
-        case 2: gemm_tile_v<2>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
-        case 3: gemm_tile_v<3>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
-        case 4: gemm_tile_v<4>(vecs, K, a, am, ak, b, ldb, c, ldc); break;
-        case 5: gemm_tile_v<5>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
-        case 6: gemm_tile_v<6>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
-        case 7: gemm_tile_v<7>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
-        default: gemm_tile_v<8>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc); break;
+        case 1: gemm_tile_v<1>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 2: gemm_tile_v<2>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 3: gemm_tile_v<3>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 4: gemm_tile_v<4>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 5: gemm_tile_v<5>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 6: gemm_tile_v<6>(vecs, K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 7: gemm_tile_v<7>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 8: gemm_tile_v<8>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 9: gemm_tile_v<9>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 10: gemm_tile_v<10>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        case 11: gemm_tile_v<11>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
+        default: gemm_tile_v<12>(std::min(vecs, 2), K, a, am, ak, b, ldb, c, ldc, in, rs, al); break;
       }
     }
   }
@@ -628,6 +646,37 @@ void load_window(WindowStage<acc_t>& st, Work<acc_t>& w, const MapGeometry& g, i
   }
 }
 
+// Asks for window `win`'s token rows (and grad_out rows when `go` is given) to be brought into L2 while
+// the current window is computed: the rows come from DRAM (the map is larger than the caches) in 7-token
+// runs that the hardware prefetchers pick up too late on their own.
+template <typename scalar_t>
+void prefetch_window(const MapGeometry& g, int64_t win, const scalar_t* qkv, const scalar_t* go) {
+#if VLM_WA_AVX512
+  if (win >= g.windows()) return;
+  const int64_t b = win / (g.nwh * g.nww), r = win % (g.nwh * g.nww), wy = r / g.nww, wx = r % g.nww;
+  const int64_t c3 = 3 * g.C;
+  for (int64_t ty = 0; ty < g.mh; ++ty) {
+    const int64_t ys = wy * g.mh + ty;
+    if (ys >= g.H) break;
+    for (int64_t tx = 0; tx < g.mw; ++tx) {
+      const int64_t xs = wx * g.mw + tx;
+      if (xs >= g.W) break;
+      const int64_t pos = (b * g.H + (ys + g.sh) % g.H) * g.W + (xs + g.sw) % g.W;
+      const char* row = reinterpret_cast<const char*>(qkv + pos * c3);
+      for (int64_t o = 0; o < c3 * static_cast<int64_t>(sizeof(scalar_t)); o += 64)
+        _mm_prefetch(row + o, _MM_HINT_T1);
+      if (go) {
+        const char* grow = reinterpret_cast<const char*>(go + pos * g.C);
+        for (int64_t o = 0; o < g.C * static_cast<int64_t>(sizeof(scalar_t)); o += 64)
+          _mm_prefetch(grow + o, _MM_HINT_T1);
+      }
+    }
+  }
+#else
+  (void)g, (void)win, (void)qkv, (void)go;
+#endif
+}
+
 // The unit (window, h)'s q, k, v from the staged rows.
 template <typename acc_t>
 void gather_head(Work<acc_t>& w, const WindowStage<acc_t>& st, const MapGeometry& g, int64_t h,
@@ -637,6 +686,189 @@ void gather_head(Work<acc_t>& w, const WindowStage<acc_t>& st, const MapGeometry
     const acc_t* row = st.in.data() + t * c3 + h * g.d;
     w.put(t, row, row + g.C, row + 2 * g.C, p, backward);
   }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Fast float32 path (AVX-512; Swin v1, i.e. no cosine attention; head dim a multiple of 16). The unit
+// works on the staged window rows in place (row stride 3C) instead of per-head copies: the q part of the
+// stage is multiplied by the scale once per window, K^T (and V^T for the backward) are the only per-head
+// copies; S starts from the bias rows inside the GEMM (S = bias + (scale q) k^T); the mask of a mixed
+// window is built once per window from the token labels. The forward computes E = exp(S - max) and
+// O = (E V) / rowsum(E) (the division on the d outputs, not on the N probabilities); the backward
+// rebuilds P = exp(S - lse) from the forward's lse in one pass and takes the products straight from and
+// into the staged rows: dP = dO V^T, dS = P (dP - rowsum(P dP) / rowsum(P)), dV = P^T dO,
+// dQ = scale dS K, dK = dS^T (scale q).
+#if VLM_WA_AVX512
+struct FastWork {
+  int64_t N, Np, d;
+  std::vector<float> kt, vt;  // d x Np (columns >= N stay zero)
+  std::vector<float> s, dpb;  // N x Np: S / E / P, dP / dS
+  std::vector<float> mask;    // N x Np: the window's additive mask (mixed windows)
+  std::vector<float> inv;     // per row: 1 / rowsum(E)
+  FastWork(int64_t n, int64_t dd, bool backward)
+      : N(n), Np(round_up(n, 16)), d(dd), kt(dd * Np, 0.0f), s(n * Np, 0.0f), mask(n * Np, 0.0f), inv(n) {
+    if (backward) {
+      vt.assign(dd * Np, 0.0f);
+      dpb.assign(n * Np, 0.0f);
+    }
+  }
+
+  // The transpose of N rows of d values (stride ld) into dst (d x Np, zero beyond N), in 16 x 16 blocks
+  // transposed in registers.
+  void transpose(const float* x, int64_t ld, float* dst) const {
+    for (int64_t t0 = 0; t0 < Np; t0 += 16)
+      for (int64_t c0 = 0; c0 < d; c0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = t0 + i < N ? _mm512_loadu_ps(x + (t0 + i) * ld + c0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c0 + i) * Np + t0, r[i]);
+      }
+  }
+
+  static void transpose16(__m512* r) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    // r[4b + k] now holds, for rows 4b..4b+3, column k + 4m in 128-bit lane m (k = 0..3).
+    for (int k = 0; k < 4; ++k) {
+      const __m512 a = r[k], b = r[4 + k], c = r[8 + k], e = r[12 + k];
+      const __m512 ab_lo = _mm512_shuffle_f32x4(a, b, 0x88), ab_hi = _mm512_shuffle_f32x4(a, b, 0xdd);
+      const __m512 ce_lo = _mm512_shuffle_f32x4(c, e, 0x88), ce_hi = _mm512_shuffle_f32x4(c, e, 0xdd);
+      t[k] = _mm512_shuffle_f32x4(ab_lo, ce_lo, 0x88);       // column k
+      t[k + 8] = _mm512_shuffle_f32x4(ab_lo, ce_lo, 0xdd);   // column k + 8
+      t[k + 4] = _mm512_shuffle_f32x4(ab_hi, ce_hi, 0x88);   // column k + 4
+      t[k + 12] = _mm512_shuffle_f32x4(ab_hi, ce_hi, 0xdd);  // column k + 12
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+
+  // Once per window: scale the staged q part, build the mask from the labels when the window is mixed.
+  void prepare(float* in, int64_t C, float scale, const int* label, bool mixed) {
+    const int64_t c3 = 3 * C;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < N; ++t) {
+      float* q = in + t * c3;
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = tail_mask(C - c);
+        _mm512_mask_storeu_ps(q + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, q + c), sc));
+      }
+    }
+    if (!mixed) return;
+    const float mval = static_cast<float>(kMaskValue);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) mask[i * Np + j] = label[i] != label[j] ? mval : 0.0f;
+  }
+
+  // S = bias_h + Q K^T (Q: the staged, scaled q rows of the head; bias_h: N x Np or null).
+  void logits(const float* q, const float* k, int64_t ld, const float* bias_h) {
+    transpose(k, ld, kt.data());
+    Epilogue ep;
+    ep.init = bias_h;
+    gemm_f32(N, Np, d, q, ld, 1, kt.data(), Np, s.data(), Np, ep);
+  }
+
+  // Forward: o (row stride ldo) = softmax(S [+ mask]) V; lse[t * lse_ld] per row.
+  void forward(const float* q, const float* k, const float* v, int64_t ld, const float* bias_h, bool mixed,
+               float* o, int64_t ldo, float* lse, int64_t lse_ld) {
+    logits(q, k, ld, bias_h);
+    for (int64_t i = 0; i < N; ++i) {
+      float* row = s.data() + i * Np;
+      const float* mrow = mask.data() + i * Np;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < N; j += 16) {
+        const __mmask16 m = tail_mask(N - j);
+        __m512 x = _mm512_maskz_loadu_ps(m, row + j);
+        if (mixed) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mrow + j));
+        _mm512_mask_storeu_ps(row + j, m, x);
+        mx = _mm512_mask_max_ps(mx, m, mx, x);
+      }
+      const float mxs = _mm512_reduce_max_ps(mx);
+      const __m512 mv = _mm512_set1_ps(mxs);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < N; j += 16) {
+        const __mmask16 m = tail_mask(N - j);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mv)));
+        sum = _mm512_add_ps(sum, e);
+        _mm512_mask_storeu_ps(row + j, m, e);
+      }
+      const float total = _mm512_reduce_add_ps(sum);
+      inv[i] = 1.0f / total;
+      lse[i * lse_ld] = mxs + std::log(total);
+    }
+    Epilogue ep;
+    ep.rs = inv.data();
+    gemm_f32(N, d, N, s.data(), Np, 1, v, ld, o, ldo, ep);
+  }
+
+  // Backward of one head. go: dO rows (stride ldg; zero rows for padded queries); lse per row (stride
+  // lse_ld; ignored where real[i] is false); results dq, dk, dv into rows of stride ldr. Adds dS into dbias
+  // (N x N float64) when given.
+  void backward(const float* q, const float* k, const float* v, int64_t ld, const float* bias_h, bool mixed,
+                const float* go, int64_t ldg, const float* lse, int64_t lse_ld, const bool* real, float scale,
+                float* dq, float* dk, float* dv, int64_t ldr, double* dbias) {
+    logits(q, k, ld, bias_h);
+    transpose(v, ld, vt.data());
+    gemm_f32(N, Np, d, go, ldg, 1, vt.data(), Np, dpb.data(), Np);  // dP = dO V^T
+    for (int64_t i = 0; i < N; ++i) {
+      float* prow = s.data() + i * Np;
+      float* drow = dpb.data() + i * Np;
+      if (!real[i]) {  // a padded query: cropped, no gradient flows through its row
+        std::fill(prow, prow + Np, 0.0f);
+        std::fill(drow, drow + Np, 0.0f);
+        continue;
+      }
+      const float* mrow = mask.data() + i * Np;
+      const __m512 l = _mm512_set1_ps(lse[i * lse_ld]);
+      __m512 pd = _mm512_setzero_ps(), ps = _mm512_setzero_ps();
+      for (int64_t j = 0; j < N; j += 16) {
+        const __mmask16 m = tail_mask(N - j);
+        __m512 x = _mm512_maskz_loadu_ps(m, prow + j);
+        if (mixed) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mrow + j));
+        const __m512 p = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, l)));
+        _mm512_mask_storeu_ps(prow + j, m, p);
+        pd = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, drow + j), pd);
+        ps = _mm512_add_ps(ps, p);
+      }
+      // D = rowsum(P dP) / rowsum(P): the rows of dS sum to zero to rounding even where P's rows sum to
+      // one only to rounding.
+      const __m512 D = _mm512_set1_ps(_mm512_reduce_add_ps(pd) / _mm512_reduce_add_ps(ps));
+      for (int64_t j = 0; j < N; j += 16) {
+        const __mmask16 m = tail_mask(N - j);
+        const __m512 p = _mm512_maskz_loadu_ps(m, prow + j);
+        const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + j), D));
+        _mm512_mask_storeu_ps(drow + j, m, ds);
+      }
+      if (dbias) {
+        double* br = dbias + i * N;
+        for (int64_t j = 0; j < N; ++j) br[j] += static_cast<double>(drow[j]);
+      }
+    }
+    gemm_f32(N, d, N, s.data(), 1, Np, go, ldg, dv, ldr);  // dV = P^T dO
+    Epilogue sc;
+    sc.alpha = scale;
+    gemm_f32(N, d, N, dpb.data(), Np, 1, k, ld, dq, ldr, sc);  // dQ = scale dS K
+    gemm_f32(N, d, N, dpb.data(), 1, Np, q, ld, dk, ldr);      // dK = dS^T (scale q)
+  }
+};
+#endif
+
+template <typename acc_t>
+bool fast_path(const Params<acc_t>& p) {
+#if VLM_WA_AVX512
+  return std::is_same_v<acc_t, float> && !p.cosine && p.d % 16 == 0;
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 template <typename scalar_t, typename acc_t>
@@ -675,18 +907,41 @@ void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   acc_t* l = lse.mutable_data_ptr<acc_t>();
   const int64_t units = g.windows() * g.heads;
+  const bool fast = fast_path(p);
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     Work<acc_t> w(g.N, g.d, false);
     WindowStage<acc_t> st;
     st.in.resize(g.N * 3 * g.C);
     st.res.resize(g.N * g.C);
     st.lse.resize(g.N * g.heads);
+#if VLM_WA_AVX512
+    std::optional<FastWork> fw;
+    if (fast) fw.emplace(g.N, g.d, false);
+#endif
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t h = u % g.heads;
       if (u / g.heads != st.win) {
         flush_forward(st, w, g, o, l);
         load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), nullptr);
+        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(g, u / g.heads + 1, x, nullptr);
+#if VLM_WA_AVX512
+        if constexpr (std::is_same_v<acc_t, float>)
+          if (fast) fw->prepare(st.in.data(), g.C, p.scale, w.label.data(), st.mixed);
+#endif
       }
+#if VLM_WA_AVX512
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (fast) {
+          const int64_t c3 = 3 * g.C;
+          const float* row = st.in.data() + h * g.d;
+          fw->forward(row, row + g.C, row + 2 * g.C, c3, p.bias ? p.bias + h * g.N * fw->Np : nullptr, st.mixed,
+                      st.res.data() + h * g.d, g.C, st.lse.data() + h, g.heads);
+          if (st.h_lo < 0) st.h_lo = h;
+          st.h_hi = h;
+          continue;
+        }
+      }
+#endif
       gather_head(w, st, g, h, p, false);
       w.forward(p, h, nullptr, st.mixed);
       for (int64_t t = 0; t < g.N; ++t) {
@@ -700,8 +955,19 @@ void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv
   });
 }
 
+// Adds a padded token's dq, dk, dv (d values each) into the pad_qkv gradient row of its head.
+template <typename acc_t>
+void add_pad_gradient(double* row, const acc_t* gq, const acc_t* gk, const acc_t* gv, int64_t d, int64_t C) {
+  for (int64_t c = 0; c < d; ++c) {
+    row[c] += static_cast<double>(gq[c]);
+    row[C + c] += static_cast<double>(gk[c]);
+    row[2 * C + c] += static_cast<double>(gv[c]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
-void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv,
+void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& pad_qkv,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ls, const MapGeometry& g,
                   double scale, at::Tensor& dqkv, at::Tensor& dpad, at::Tensor& dbias, at::Tensor& dls) {
   std::vector<acc_t> bias_store;
@@ -714,6 +980,8 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::
   const int64_t NN = g.N * g.N, c3 = 3 * g.C;
   Accumulators acc_bias(want_bias ? g.heads * NN : 0), acc_pad(want_pad ? c3 : 0), acc_ls(want_ls ? g.heads : 0);
   const int64_t units = g.windows() * g.heads;
+  const bool fast = fast_path(p);
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     Work<acc_t> w(g.N, g.d, true);
     WindowStage<acc_t> st;
@@ -723,12 +991,49 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::
     double* db = want_bias ? acc_bias.mine() : nullptr;
     double* dpd = want_pad ? acc_pad.mine() : nullptr;
     double* dl = want_ls ? acc_ls.mine() : nullptr;
+#if VLM_WA_AVX512
+    std::optional<FastWork> fw;
+    std::unique_ptr<bool[]> real(new bool[g.N]);
+    if (fast) {
+      fw.emplace(g.N, g.d, true);
+      st.lse.resize(g.N * g.heads);
+    }
+#endif
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t h = u % g.heads;
       if (u / g.heads != st.win) {
         flush_backward(st, w, g, dx);
         load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), gop);
+        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(g, u / g.heads + 1, x, gop);
+#if VLM_WA_AVX512
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (fast) {
+            fw->prepare(st.in.data(), g.C, p.scale, w.label.data(), st.mixed);
+            for (int64_t t = 0; t < g.N; ++t) {
+              real[t] = w.pos[t] >= 0;
+              if (real[t]) std::memcpy(st.lse.data() + t * g.heads, lse_p + w.pos[t] * g.heads, g.heads * sizeof(float));
+            }
+          }
+        }
+#endif
       }
+#if VLM_WA_AVX512
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (fast) {  // results in place in the stage; padded tokens' gradients go to pad_qkv
+          const float* row = st.in.data() + h * g.d;
+          float* res = st.res.data() + h * g.d;
+          fw->backward(row, row + g.C, row + 2 * g.C, c3, p.bias ? p.bias + h * g.N * fw->Np : nullptr, st.mixed,
+                       st.go.data() + h * g.d, g.C, st.lse.data() + h, g.heads, real.get(), p.scale, res,
+                       res + g.C, res + 2 * g.C, c3, db ? db + h * NN : nullptr);
+          for (int64_t t = 0; t < g.N; ++t)
+            if (!real[t] && dpd) add_pad_gradient(dpd + h * g.d, res + t * c3, res + t * c3 + g.C,
+                                                  res + t * c3 + 2 * g.C, g.d, g.C);
+          if (st.h_lo < 0) st.h_lo = h;
+          st.h_hi = h;
+          continue;
+        }
+      }
+#endif
       gather_head(w, st, g, h, p, true);
       for (int64_t t = 0; t < g.N; ++t)
         std::memcpy(w.dout.data() + t * w.dp, st.go.data() + t * g.C + h * g.d, g.d * sizeof(acc_t));
@@ -744,12 +1049,7 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::
           std::memcpy(row + g.C, gk, g.d * sizeof(acc_t));
           std::memcpy(row + 2 * g.C, gv, g.d * sizeof(acc_t));
         } else if (dpd) {
-          double* row = dpd + h * g.d;
-          for (int64_t c = 0; c < g.d; ++c) {
-            row[c] += static_cast<double>(gq[c]);
-            row[g.C + c] += static_cast<double>(gk[c]);
-            row[2 * g.C + c] += static_cast<double>(gv[c]);
-          }
+          add_pad_gradient(dpd + h * g.d, gq, gk, gv, g.d, g.C);
         }
       }
       if (st.h_lo < 0) st.h_lo = h;
@@ -944,13 +1244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
               fn, ": grad_out must be (B, H, W, C) = (", g.B, ", ", g.H, ", ", g.W, ", ", g.C, "), got ",
               grad_out.sizes());
   (void)out;
-  (void)lse;
+  TORCH_CHECK(lse.scalar_type() == acc_type(qkv.scalar_type()) && lse.is_contiguous() && lse.dim() == 4 &&
+                  lse.size(0) == g.B && lse.size(1) == g.H && lse.size(2) == g.W && lse.size(3) == g.heads,
+              fn, ": lse must be the forward's contiguous (B, H, W, num_heads) = (", g.B, ", ", g.H, ", ", g.W, ", ",
+              g.heads, ") ", acc_type(qkv.scalar_type()), " tensor, got ", lse.sizes(), " ", lse.scalar_type());
   at::Tensor dqkv = (qkv.numel() == 0 ? &zeros_of : &empty_of)(qkv.sizes(), qkv.options());
   at::Tensor dpad = zeros_like_opt(pad_qkv), dbias = zeros_like_opt(rel_pos_bias), dls = zeros_like_opt(logit_scale);
   if (qkv.numel() == 0) return {dqkv, dpad, dbias, dls};
   VLM_WA_DISPATCH(qkv.scalar_type(), fn, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    map_backward<scalar_t, acc_t>(grad_out, qkv, pad_qkv, rel_pos_bias, logit_scale, g, scale, dqkv, dpad, dbias,
+    map_backward<scalar_t, acc_t>(grad_out, qkv, lse, pad_qkv, rel_pos_bias, logit_scale, g, scale, dqkv, dpad, dbias,
                                   dls);
   });
   return {dqkv, dpad, dbias, dls};
