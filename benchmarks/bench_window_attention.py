@@ -192,7 +192,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             tokens = batch * res[0] * res[1]
             floor_bytes = tokens * dim * 4 * (4 if mode == "fwd" else 8)
             out.append(Case("swin_block", f"{label} B={batch} w{WINDOW} s{SHIFT}", mode, "float32", "vlm_kernels",
-                            impls, list(targets[mode]), floor_bytes=floor_bytes if gpu else None, repeats=5))
+                            impls, list(targets[mode]), floor_bytes=floor_bytes if gpu else None, repeats=5 if gpu else 9))
     return out
 
 

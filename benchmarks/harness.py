@@ -1,12 +1,18 @@
 """Timing and peak-memory measurement shared by every benchmark (the runner and the pytest suites).
 
-CPU: wall-clock median over repeats after warm-up; peak memory is the rise of the process's resident
+CPU: wall-clock median over repeats after warm-up. The implementations of a case are timed in rounds
+(each once per round, the order rotated), so that a slow spell of a shared machine falls on all of them
+alike instead of on whichever ran during it. Timing runs under glibc's steady-state allocator (big
+buffers recycled from the heap, as in a training loop); peak memory comes from a separate call per
+implementation with every buffer above 128 KiB its own mapping, as the rise of the process's resident
 high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident size before the call.
 CUDA: CUDA events around each call, median; peak memory from torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
 import platform
@@ -49,24 +55,91 @@ def _reset_cpu_peak() -> Optional[int]:
     return _proc_status("VmRSS")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL(None).mallopt(param, value))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@contextlib.contextmanager
+def _every_buffer_mapped():
+    """glibc: every allocation above 128 KiB gets its own mapping (and is unmapped when freed), so the
+    resident high-water mark sees each buffer; afterwards thresholds like glibc's warmed-up dynamic ones
+    (32 MiB mmap, 64 MiB trim), so timed calls recycle big buffers from the heap as a training loop does."""
+    _mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+    _mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+    try:
+        yield
+    finally:
+        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _peak_call(fn: Callable[[], object]) -> Optional[int]:
+    """Peak extra resident memory of one call of ``fn`` (its outputs included)."""
+    with _every_buffer_mapped():
+        _malloc_trim()  # free heap pages are given back: reusing one shows as a resident rise again
+        base = _reset_cpu_peak()
+        out = fn()
+        hwm = _proc_status("VmHWM")
+        del out
+    return max(0, hwm - base) if hwm is not None and base is not None else None
+
+
+def measure_many(fns: dict, device: torch.device, repeats: int = 5, warmup: int = 1) -> dict:
+    """{name: Measurement, or the exception the implementation raised} for implementations timed side
+    by side: on CPU in rotating rounds (see the module docstring), on CUDA one after the other."""
+    results: dict = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            if device.type == "cuda":
+                for _ in range(warmup):
+                    fn()
+                results[name] = _measure_cuda(fn, repeats)
+                continue
+            for _ in range(warmup):  # first: one-time work (compilation, caches) is not a peak of the op
+                fn()
+            peak = _peak_call(fn)
+            live[name] = fn
+            results[name] = Measurement(0.0, peak, [])
+        except Exception as exc:  # noqa: BLE001 - reported per implementation by the caller
+            results[name] = exc
+    names = list(live)
+    for r in range(repeats):
+        for name in names[r % max(1, len(names)):] + names[:r % max(1, len(names))]:
+            if isinstance(results[name], Exception):
+                continue
+            try:
+                t0 = time.perf_counter()
+                out = live[name]()
+                results[name].times_s.append(time.perf_counter() - t0)
+                del out
+            except Exception as exc:  # noqa: BLE001
+                results[name] = exc
+    for name in names:
+        if isinstance(results[name], Measurement):
+            results[name].time_s = statistics.median(results[name].times_s)
+    return results
+
+
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> Measurement:
     """Median time of ``fn()`` and the peak extra memory one call needs (its outputs included)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        return _measure_cuda(fn, repeats)
-    times = []
-    peak = None
-    for i in range(repeats):
-        base = _reset_cpu_peak() if i == 0 else None
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if base is not None:
-            hwm = _proc_status("VmHWM")
-            peak = max(0, hwm - base) if hwm is not None else None
-        del out
-    return Measurement(statistics.median(times), peak, times)
+    result = measure_many({"fn": fn}, device, repeats, warmup)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _measure_cuda(fn: Callable[[], object], repeats: int) -> Measurement:

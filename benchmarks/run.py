@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .harness import copy_bandwidth, machine_record, measure
+from .harness import copy_bandwidth, machine_record, measure_many
 
 OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
        "window_attention": "benchmarks.bench_window_attention", "models": "benchmarks.bench_models"}
@@ -32,18 +32,29 @@ def _fmt_bytes(n):
 
 def run_case(case, device, bandwidth):
     """Measure each implementation; returns the case's record."""
-    rows = {}
-    for name, setup in case.impls.items():
-        try:
-            fn = setup()
-            m = measure(fn, device, repeats=case.repeats, warmup=1)
-            rows[name] = {"time_s": m.time_s, "peak_bytes": m.peak_bytes, "times_s": m.times_s}
-        except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
-            rows[name] = {"error": f"{exc.__class__.__name__}: {exc}"[:300]}
-        finally:
-            fn = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    def error(exc):
+        return {"error": f"{exc.__class__.__name__}: {exc}"[:300]}
+
+    rows, fns = {}, {}
+    if device.type == "cuda":  # one at a time: only one implementation's buffers on the device
+        for name, setup in case.impls.items():
+            try:
+                m = measure_many({name: setup()}, device, repeats=case.repeats)[name]
+            except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+                m = exc
+            rows[name] = m
+            torch.cuda.empty_cache()
+    else:  # all set up, then timed in rotating rounds
+        for name, setup in case.impls.items():
+            try:
+                fns[name] = setup()
+            except Exception as exc:  # noqa: BLE001
+                rows[name] = exc
+        rows.update(measure_many(fns, device, repeats=case.repeats))
+        fns = None
+    rows = {name: error(rows[name]) if isinstance(rows[name], Exception) else
+            {"time_s": rows[name].time_s, "peak_bytes": rows[name].peak_bytes, "times_s": rows[name].times_s}
+            for name in case.impls}
     ours = rows.get(case.ours, {})
     for name, row in rows.items():
         if "time_s" in row and "time_s" in ours:
@@ -127,18 +138,7 @@ def plot(records, path):
     plt.close(fig)
 
 
-def _exec_with_fixed_mmap_threshold() -> None:
-    """Re-run this process with glibc's mmap threshold pinned, so every large buffer is its own mapping
-    and the resident high-water mark measures peak memory (glibc otherwise raises the threshold after
-    the first free and recycles big buffers from the heap, hiding them)."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], env)
-
-
 def main(argv=None) -> int:
-    if argv is None:
-        _exec_with_fixed_mmap_threshold()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
