@@ -6,6 +6,10 @@ place of its attention (torch.nn.attention.flex_attention under torch.compile: t
 laid end to end as one sequence, a block mask that keeps each window's own keys, and a score_mod adding
 the relative position bias and timm's -100 shifted-window mask).
 
+Also timed: our block with the attention left out (``ours without attention (floor)``): norm, qkv,
+proj, MLP and residuals only. timm's time over that one is the most any attention kernel could gain on
+the whole block; on CPU the linear layers take most of the block's time.
+
 Shapes: Swin-T stage 1 (56x56, C=96, 3 heads) and stage 3 (14x14, C=384, 12 heads), window 7, shift 3;
 batch 8 on CPU, 64 on GPU; forward (inference, no grad) and forward+backward (input and parameter
 gradients). float32.
@@ -130,10 +134,30 @@ class _FlexBlock(torch.nn.Module):
         return x.reshape(b, h, w, c)
 
 
+class _NoAttentionBlock(torch.nn.Module):
+    """Our block with its attention replaced by passing v through: norm1, qkv, proj, the residuals, norm2
+    and the MLP, i.e. everything but the attention. Its time is the floor under any attention kernel in
+    this block: (timm's time) / (this time) is the most any attention kernel can gain here."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        blk = self.block
+        b, h, w, c = x.shape
+        x = x + blk.attn.proj(blk.attn.qkv(blk.norm1(x))[..., 2 * c:])
+        x = x.reshape(b, -1, c)
+        x = x + blk.mlp(blk.norm2(x))
+        return x.reshape(b, h, w, c)
+
+
 def _model(kind, res, dim, heads, device):
     timm_blk = _timm_block(res, dim, heads, device)
     if kind == "ours":
         return SwinTransformerBlock.from_timm(copy.deepcopy(timm_blk))
+    if kind == "floor":
+        return _NoAttentionBlock(SwinTransformerBlock.from_timm(copy.deepcopy(timm_blk)))
     if kind in ("timm eager", "timm compiled"):
         timm_blk.attn.fused_attn = False
         return timm_blk if kind == "timm eager" else torch.compile(timm_blk, dynamic=False)
@@ -175,7 +199,8 @@ def _call(kind, batch, res, dim, heads, mode, device):
 
 
 IMPLS = {"vlm_kernels": "ours", "timm eager": "timm eager", "timm SDPA (TIMM_FUSED_ATTN=2)": "timm SDPA",
-         "timm torch.compile": "timm compiled", "FlexAttention": "flex"}
+         "timm torch.compile": "timm compiled", "FlexAttention": "flex",
+         "ours without attention (floor)": "floor"}
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

@@ -167,7 +167,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     m = measure(lambda: dst.copy_(src), device, repeats=5, warmup=2)
-    del src, dst
     return 2 * nbytes / m.time_s
 
 

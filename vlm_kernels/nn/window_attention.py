@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..ops.window_attention import window_attention, windowed_attention
 from ..reference import window_attention as reference
+from .mlp import Mlp
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -56,25 +57,6 @@ class DropPath(nn.Module):
         if keep > 0.0 and self.scale_by_keep:
             mask.div_(keep)
         return x * mask
-
-
-class Mlp(nn.Module):
-    """timm's ``Mlp``: fc1, act, drop1, norm (Identity), fc2, drop2."""
-
-    def __init__(self, in_features: int, hidden_features: Optional[int] = None, act_layer=nn.GELU,
-                 drop: float = 0.0, device=None, dtype=None):
-        dd = {"device": device, "dtype": dtype}
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
 _ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU,
@@ -320,6 +302,8 @@ class _ShiftedWindowBlock(nn.Module):
         """Wrap a timm block, sharing its parameters and sub-modules (no copy); its attention is swapped."""
         new = _adopt(cls, block)
         new.attn = cls._attention_class.from_timm(block.attn)
+        if all(hasattr(block.mlp, n) for n in ("fc1", "act", "drop1", "norm", "fc2", "drop2")):
+            new.mlp = Mlp.from_timm(block.mlp)  # timm's Mlp: same sub-modules, chunked computation
         new._buffers.pop("attn_mask", None)  # the op computes the mask from coordinates
         return new
 
