@@ -94,7 +94,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         if not quick:
             impls["timm compiled"] = _swin("timm compiled", batch, mode, device)
         out.append(Case("swin_tiny", f"B={batch} 224x224", mode, "float32", "vlm_kernels", impls,
-                        [] if gpu else CPU_TARGETS[mode], repeats=3))
+                        [] if gpu else CPU_TARGETS[mode], repeats=3 if gpu else 5))
     d_batch, size = (2, 64) if quick else ((32, 256) if gpu else (8, 128))
     impls = {"vlm_kernels": _dvae_sample("ours", d_batch, size, device),
              "F.gumbel_softmax": _dvae_sample("torch", d_batch, size, device)}
