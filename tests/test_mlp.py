@@ -112,3 +112,65 @@ def test_from_timm_shares_weights_and_matches():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     fresh = Mlp(24, 64)
     fresh.load_state_dict(theirs.state_dict())
+
+
+def test_hooks_and_linear_subclasses_see_the_eager_path():
+    m = _mlp()
+    x = torch.randn(40, 24)
+    calls = []
+    handle = m.fc1.register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    m(x)
+    handle.remove()
+    assert calls == [torch.Size([40, 64])]
+
+    class Scaled(nn.Linear):  # e.g. a LoRA-style adapter: its forward is not weight @ x + bias
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    s = Scaled(24, 64)
+    s.load_state_dict(m.fc1.state_dict())
+    m.fc1 = s
+    torch.testing.assert_close(m(x), m.fc2(m.act(2.0 * torch.nn.functional.linear(x, s.weight, s.bias))))
+
+
+def test_double_backward_and_torch_func():
+    m = _mlp(dim=5, hidden=9, chunk=3, dtype=torch.float64)
+    x = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    # gradient penalty: d/dx of |dy/dx|^2, through create_graph=True
+    (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    (g_ref,) = torch.autograd.grad(_eager(m)(x).sum(), x, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(g_ref.pow(2).sum(), x)
+    torch.testing.assert_close(gg, gg_ref)
+    assert torch.autograd.gradgradcheck(lambda x: m(x), (x,))
+    grad_fn = torch.func.grad(lambda x: m(x).sum())
+    torch.testing.assert_close(grad_fn(x.detach()), g_ref.detach())
+
+
+def test_fx_symbolic_trace():
+    m = _mlp()
+    gm = torch.fx.symbolic_trace(m)
+    x = torch.randn(40, 24)
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_bfloat16_weight_gradients_as_accurate_as_eager():
+    """The weight gradients sum over every row: accumulated in float32 across chunks, not rounded to
+    bfloat16 after each one."""
+    m = _mlp(dim=32, hidden=128, chunk=64, dtype=torch.bfloat16)
+    exact = copy.deepcopy(m).double()
+    x = torch.randn(2048, 32)
+    dy = torch.randn(2048, 32)
+
+    def weight_grads(mod, fn, dtype):
+        mod.zero_grad(set_to_none=True)
+        fn(x.to(dtype)).backward(dy.to(dtype))
+        return [p.grad.double() for p in mod.parameters()]
+
+    ref = weight_grads(exact, exact, torch.float64)
+    ours = weight_grads(m, m, torch.bfloat16)
+    eager = weight_grads(m, _eager(m), torch.bfloat16)
+    for o, e, r in zip(ours, eager, ref):
+        err_o = ((o - r).abs().max() / r.abs().max()).item()
+        err_e = ((e - r).abs().max() / r.abs().max()).item()
+        assert err_o <= 2 * err_e + 1e-3, (err_o, err_e)

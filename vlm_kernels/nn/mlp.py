@@ -50,6 +50,11 @@ def _linear_into(a: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> None
         torch.mm(a, w.t(), out=out)
 
 
+def _eager_mlp(x2: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+               approximate: str) -> Tensor:
+    return F.linear(F.gelu(F.linear(x2, w1, b1), approximate=approximate), w2, b2)
+
+
 class _ChunkedMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -58,35 +63,51 @@ class _ChunkedMlp(torch.autograd.Function):
         out = x2.new_empty(x2.shape[0], w2.shape[0])
         for r0, r1 in _chunks(x2.shape[0], chunk):
             _linear_into(F.gelu(h[r0:r1], approximate=approximate), w2, b2, out[r0:r1])
-        ctx.save_for_backward(x2, h, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.save_for_backward(x2, h, w1, b1, w2, b2)
         ctx.approximate, ctx.chunk = approximate, chunk
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, h, w1, w2 = ctx.saved_tensors
+        x2, h, w1, b1, w2, b2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the eager composition instead
+            return _ChunkedMlp._differentiable_backward(ctx, dy, x2, w1, b1, w2, b2)
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
+        # Weight gradients are sums over all rows: accumulated in float32 for half/bfloat16 weights.
+        acc = torch.float32 if w1.dtype in (torch.float16, torch.bfloat16) else w1.dtype
         dx = torch.empty_like(x2) if need_x else None
-        dw1 = torch.zeros_like(w1) if need_w1 else None
-        dw2 = torch.zeros_like(w2) if need_w2 else None
-        db1 = w1.new_zeros(w1.shape[0]) if need_b1 and ctx.has_b1 else None
-        db2 = w2.new_zeros(w2.shape[0]) if need_b2 and ctx.has_b2 else None
+        dw1 = torch.zeros(w1.shape, dtype=acc, device=w1.device) if need_w1 else None
+        dw2 = torch.zeros(w2.shape, dtype=acc, device=w2.device) if need_w2 else None
+        db1 = torch.zeros(w1.shape[0], dtype=acc, device=w1.device) if need_b1 and b1 is not None else None
+        db2 = torch.zeros(w2.shape[0], dtype=acc, device=w2.device) if need_b2 and b2 is not None else None
         for r0, r1 in _chunks(x2.shape[0], ctx.chunk):
             dyc, hc = dy[r0:r1], h[r0:r1]
             if dw2 is not None:
-                dw2.addmm_(dyc.t(), F.gelu(hc, approximate=ctx.approximate))
+                dw2.add_(torch.mm(dyc.t(), F.gelu(hc, approximate=ctx.approximate)))
             if db2 is not None:
-                db2.add_(dyc.sum(0))
+                db2.add_(dyc.sum(0, dtype=acc))
             dh = torch.ops.aten.gelu_backward(dyc @ w2, hc, approximate=ctx.approximate)
             if dw1 is not None:
-                dw1.addmm_(dh.t(), x2[r0:r1])
+                dw1.add_(torch.mm(dh.t(), x2[r0:r1]))
             if db1 is not None:
-                db1.add_(dh.sum(0))
+                db1.add_(dh.sum(0, dtype=acc))
             if dx is not None:
                 torch.mm(dh, w1, out=dx[r0:r1])
-        return dx, dw1, db1, dw2, db2, None, None
+        cast = (lambda g, like: None if g is None else g.to(like.dtype))
+        return dx, cast(dw1, w1), cast(db1, w1), cast(dw2, w2), cast(db2, w2), None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, dy, x2, w1, b1, w2, b2):
+        # The saved inputs keep their history, so the gradients built here are differentiable again.
+        inputs = [x2, w1, b1, w2, b2]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i] and t.requires_grad]
+        y = _eager_mlp(*inputs, ctx.approximate)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
+        out = [None] * 7
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
 
 
 def _chunked_inference(x2: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -99,6 +120,19 @@ def _chunked_inference(x2: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
         torch.ops.aten.gelu_(hc, approximate=approximate)
         _linear_into(hc, w2, b2, out[r0:r1])
     return out
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -138,13 +172,23 @@ class Mlp(nn.Module):
     def _eager(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        approximate = _gelu_kind(self.act)
+    def _chunkable(self, x: Tensor) -> bool:
+        """The chunked path computes fc1/fc2 from their weights: only for plain nn.Linear modules without
+        hooks (LoRA-style subclasses, quantised linears and forward hooks see the eager path), and not
+        under tracing, functorch transforms, autocast or active dropout."""
+        if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or _functorch_wrapped(x):
+            return False
+        if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear or _hooked(self.fc1, self.fc2, self.act):
+            return False
         dropping = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
-        if (approximate is None or dropping or not isinstance(self.norm, nn.Identity) or x.numel() == 0
-                or torch.compiler.is_compiling() or x.shape[-1] != self.fc1.in_features
-                or x.dtype != self.fc1.weight.dtype or _autocast_on(x.device.type)):
+        return (_gelu_kind(self.act) is not None and not dropping and isinstance(self.norm, nn.Identity)
+                and x.numel() > 0 and x.shape[-1] == self.fc1.in_features and x.dtype == self.fc1.weight.dtype
+                and not _autocast_on(x.device.type))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._chunkable(x):
             return self._eager(x)
+        approximate = _gelu_kind(self.act)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= self.chunk_rows:
