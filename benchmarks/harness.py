@@ -89,6 +89,7 @@ def _every_buffer_mapped():
 def _peak_call(fn: Callable[[], object]) -> Optional[int]:
     """Peak extra resident memory of one call of ``fn`` (its outputs included)."""
     with _every_buffer_mapped():
+        gc.collect()  # garbage freed after the trim would refill the heap with resident pages
         _malloc_trim()  # free heap pages are given back: reusing one shows as a resident rise again
         base = _reset_cpu_peak()
         out = fn()
@@ -97,9 +98,18 @@ def _peak_call(fn: Callable[[], object]) -> Optional[int]:
     return max(0, hwm - base) if hwm is not None and base is not None else None
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    """The exception without its traceback: the frames would keep a failed implementation's buffers
+    (its model, inputs, activations; on CUDA, what an OOM left behind) alive for the later peers."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def measure_many(fns: dict, device: torch.device, repeats: int = 5, warmup: int = 1) -> dict:
     """{name: Measurement, or the exception the implementation raised} for implementations timed side
     by side: on CPU in rotating rounds (see the module docstring), on CUDA one after the other."""
+    repeats = max(1, repeats)
     results: dict = {}
     live = {}
     for name, fn in fns.items():
@@ -112,10 +122,11 @@ def measure_many(fns: dict, device: torch.device, repeats: int = 5, warmup: int 
             for _ in range(warmup):  # first: one-time work (compilation, caches) is not a peak of the op
                 fn()
             peak = _peak_call(fn)
+            fn()  # the heap grows back after the peak call's trim: not in a timed round
             live[name] = fn
             results[name] = Measurement(0.0, peak, [])
         except Exception as exc:  # noqa: BLE001 - reported per implementation by the caller
-            results[name] = exc
+            results[name] = _without_frames(exc)
     names = list(live)
     for r in range(repeats):
         for name in names[r % max(1, len(names)):] + names[:r % max(1, len(names))]:
@@ -127,7 +138,7 @@ def measure_many(fns: dict, device: torch.device, repeats: int = 5, warmup: int 
                 results[name].times_s.append(time.perf_counter() - t0)
                 del out
             except Exception as exc:  # noqa: BLE001
-                results[name] = exc
+                results[name] = _without_frames(exc)
     for name in names:
         if isinstance(results[name], Measurement):
             results[name].time_s = statistics.median(results[name].times_s)

@@ -42,19 +42,25 @@ def run_case(case, device, bandwidth):
                 m = measure_many({name: setup()}, device, repeats=case.repeats)[name]
             except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
                 m = exc
-            rows[name] = m
+            rows[name] = error(m) if isinstance(m, Exception) else m  # no traceback keeping buffers alive
+            m = None
             torch.cuda.empty_cache()
     else:  # all set up, then timed in rotating rounds
         for name, setup in case.impls.items():
             try:
                 fns[name] = setup()
             except Exception as exc:  # noqa: BLE001
-                rows[name] = exc
+                rows[name] = error(exc)
         rows.update(measure_many(fns, device, repeats=case.repeats))
         fns = None
-    rows = {name: error(rows[name]) if isinstance(rows[name], Exception) else
-            {"time_s": rows[name].time_s, "peak_bytes": rows[name].peak_bytes, "times_s": rows[name].times_s}
-            for name in case.impls}
+    def row(v):
+        if isinstance(v, Exception):
+            return error(v)
+        if isinstance(v, dict):  # already an error row
+            return v
+        return {"time_s": v.time_s, "peak_bytes": v.peak_bytes, "times_s": v.times_s}
+
+    rows = {name: row(rows[name]) for name in case.impls}
     ours = rows.get(case.ours, {})
     for name, row in rows.items():
         if "time_s" in row and "time_s" in ours:
