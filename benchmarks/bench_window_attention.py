@@ -6,6 +6,11 @@ place of its attention (torch.nn.attention.flex_attention under torch.compile: t
 laid end to end as one sequence, a block mask that keeps each window's own keys, and a score_mod adding
 the relative position bias and timm's -100 shifted-window mask).
 
+The op alone (``window_attention op`` cases): ``vk.window_attention`` on a (B, H, W, 3C) qkv map with
+the bias table and padded-token qkv, against the same call on the reference backend (eager PyTorch with
+timm's math), with the memory floor (qkv read + output written; in the backward also dout and dqkv) at
+the measured copy bandwidth. GPU target: forward within 2x of that floor.
+
 Also timed: our block with the attention left out (``ours without attention (floor)``): norm, qkv,
 proj, MLP and residuals only. timm's time over that one is the most any attention kernel could gain on
 the whole block; on CPU the linear layers take most of the block's time.
@@ -45,6 +50,11 @@ GPU_TARGETS = {
     "fwd+bwd": [Target("timm eager", 3.0, ">=3x timm eager block forward+backward"),
                 Target("FlexAttention", 1.3, ">=1.3x FlexAttention block forward+backward")],
 }
+
+
+# The op alone on a GPU: its forward within 2x of the memory floor (qkv read + output written at the
+# measured copy bandwidth): floor time / our time >= 0.5.
+OP_GPU_TARGETS = {"fwd": [Target("floor", 0.5, "forward within 2x of the HBM floor")], "fwd+bwd": []}
 
 
 def _timm_block(res, dim, heads, device):
@@ -198,6 +208,39 @@ def _call(kind, batch, res, dim, heads, mode, device):
     return setup
 
 
+def _op_call(backend, batch, res, dim, heads, mode, device):
+    """setup() for the op alone: (B, H, W, 3C) qkv -> (B, H, W, C) shifted-window attention with the bias
+    table and padded-token qkv, on the given backend (None: automatic; "reference": eager PyTorch with
+    timm's math: roll, partition, bmm, bias gather, mask, softmax, bmm, reverse, roll)."""
+
+    def setup():
+        import vlm_kernels as vk
+
+        g = torch.Generator().manual_seed(2)
+        qkv = torch.randn(batch, *res, 3 * dim, generator=g).to(device)
+        table = torch.randn((2 * WINDOW - 1) ** 2, heads, generator=g).to(device)
+        pad = torch.randn(3 * dim, generator=g).to(device)
+        kwargs = dict(num_heads=heads, window_size=WINDOW, shift_size=SHIFT, pad_qkv=pad)
+
+        if mode == "fwd":
+            def fwd():
+                with torch.no_grad(), vk.use_backend(backend):
+                    return vk.window_attention(qkv, rel_pos_bias=table, **kwargs)
+
+            return fwd
+        qkv_g, table_g = qkv.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        dy = torch.randn(batch, *res, dim, generator=g).to(device)
+
+        def step():
+            with vk.use_backend(backend):
+                vk.window_attention(qkv_g, rel_pos_bias=table_g, **kwargs).backward(dy)
+            qkv_g.grad = table_g.grad = None
+
+        return step
+
+    return setup
+
+
 IMPLS = {"vlm_kernels": "ours", "timm eager": "timm eager", "timm SDPA (TIMM_FUSED_ATTN=2)": "timm SDPA",
          "timm torch.compile": "timm compiled", "FlexAttention": "flex",
          "ours without attention (floor)": "floor"}
@@ -213,11 +256,18 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     for label, res, dim, heads in STAGES:
         for mode in MODES:
             impls = {name: _call(kind, batch, res, dim, heads, mode, device) for name, kind in IMPLS.items()}
-            # The attention's own traffic (GPU): qkv read + output written (fwd); + dout read, dqkv written.
-            tokens = batch * res[0] * res[1]
-            floor_bytes = tokens * dim * 4 * (4 if mode == "fwd" else 8)
             out.append(Case("swin_block", f"{label} B={batch} w{WINDOW} s{SHIFT}", mode, "float32", "vlm_kernels",
-                            impls, list(targets[mode]), floor_bytes=floor_bytes if gpu else None, repeats=5 if gpu else 9))
+                            impls, list(targets[mode]), repeats=5 if gpu else 9))
+    for label, res, dim, heads in STAGES:
+        for mode in MODES:
+            impls = {"vlm_kernels": _op_call(None, batch, res, dim, heads, mode, device),
+                     "eager PyTorch, timm's math": _op_call("reference", batch, res, dim, heads, mode, device)}
+            # The op's own traffic: qkv read + output written (fwd); + dout read, qkv re-read, dqkv written.
+            tokens = batch * res[0] * res[1]
+            floor_bytes = tokens * dim * 4 * (4 if mode == "fwd" else 11)
+            out.append(Case("window_attention op", f"{label} B={batch} w{WINDOW} s{SHIFT}", mode, "float32",
+                            "vlm_kernels", impls, list(OP_GPU_TARGETS[mode]) if gpu else [],
+                            floor_bytes=floor_bytes, repeats=5 if gpu else 9))
     return out
 
 

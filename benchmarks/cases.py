@@ -8,8 +8,10 @@ from typing import Callable, Optional
 
 @dataclass
 class Target:
-    """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x'), or, with
-    ``max_bytes``, a memory target: our peak extra memory ``<= max_bytes``."""
+    """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x'); with peer
+    ``"floor"``, ``floor_time / our_time >= min_ratio`` (the case's floor_bytes at the measured copy
+    bandwidth; 0.5 means 'within 2x of the memory floor'); or, with ``max_bytes``, a memory target: our
+    peak extra memory ``<= max_bytes``."""
 
     peer: str
     min_ratio: float

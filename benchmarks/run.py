@@ -80,8 +80,10 @@ def run_case(case, device, bandwidth):
             record["targets"].append({"target": t.label, "peer": "", "max_bytes": t.max_bytes, "ratio": None,
                                       "peak_bytes": peak, "met": None if peak is None else bool(peak <= t.max_bytes)})
             continue
-        peer = rows.get(t.peer, {})
-        ratio = peer.get("speedup_of_ours")
+        if t.peer == "floor":
+            ratio = record.get("fraction_of_copy_bandwidth")
+        else:
+            ratio = rows.get(t.peer, {}).get("speedup_of_ours")
         record["targets"].append({"target": t.label, "peer": t.peer, "min_ratio": t.min_ratio, "ratio": ratio,
                                   "met": None if ratio is None else bool(ratio >= t.min_ratio)})
     return record
