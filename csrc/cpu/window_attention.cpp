@@ -604,6 +604,8 @@ struct WindowStage {
   std::vector<acc_t> go;    // N x C: grad_out rows (backward; zero rows for padded tokens)
   std::vector<acc_t> res;   // N x C (forward out) or N x 3C (backward dqkv)
   std::vector<acc_t> lse;   // N x heads (forward)
+  std::vector<int64_t> next_pos;  // the next window's token positions (prefetch)
+  std::vector<int> next_label;
 };
 
 template <typename acc_t, typename scalar_t>
@@ -649,31 +651,27 @@ void load_window(WindowStage<acc_t>& st, Work<acc_t>& w, const MapGeometry& g, i
 // Asks for window `win`'s token rows (and grad_out rows when `go` is given) to be brought into L2 while
 // the current window is computed: the rows come from DRAM (the map is larger than the caches) in 7-token
 // runs that the hardware prefetchers pick up too late on their own.
-template <typename scalar_t>
-void prefetch_window(const MapGeometry& g, int64_t win, const scalar_t* qkv, const scalar_t* go) {
+template <typename scalar_t, typename acc_t>
+void prefetch_window(WindowStage<acc_t>& st, const MapGeometry& g, int64_t win, const scalar_t* qkv,
+                     const scalar_t* go) {
 #if VLM_WA_AVX512
   if (win >= g.windows()) return;
-  const int64_t b = win / (g.nwh * g.nww), r = win % (g.nwh * g.nww), wy = r / g.nww, wx = r % g.nww;
-  const int64_t c3 = 3 * g.C;
-  for (int64_t ty = 0; ty < g.mh; ++ty) {
-    const int64_t ys = wy * g.mh + ty;
-    if (ys >= g.H) break;
-    for (int64_t tx = 0; tx < g.mw; ++tx) {
-      const int64_t xs = wx * g.mw + tx;
-      if (xs >= g.W) break;
-      const int64_t pos = (b * g.H + (ys + g.sh) % g.H) * g.W + (xs + g.sw) % g.W;
-      const char* row = reinterpret_cast<const char*>(qkv + pos * c3);
-      for (int64_t o = 0; o < c3 * static_cast<int64_t>(sizeof(scalar_t)); o += 64)
-        _mm_prefetch(row + o, _MM_HINT_T1);
-      if (go) {
-        const char* grow = reinterpret_cast<const char*>(go + pos * g.C);
-        for (int64_t o = 0; o < g.C * static_cast<int64_t>(sizeof(scalar_t)); o += 64)
-          _mm_prefetch(grow + o, _MM_HINT_T1);
-      }
+  st.next_pos.resize(g.N);
+  st.next_label.resize(g.N);
+  g.tokens(win, st.next_pos.data(), st.next_label.data());
+  const int64_t qkv_bytes = 3 * g.C * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t go_bytes = g.C * static_cast<int64_t>(sizeof(scalar_t));
+  for (const int64_t pos : st.next_pos) {
+    if (pos < 0) continue;  // a padded token: nothing to fetch
+    const char* row = reinterpret_cast<const char*>(qkv + pos * 3 * g.C);
+    for (int64_t o = 0; o < qkv_bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T1);
+    if (go) {
+      const char* grow = reinterpret_cast<const char*>(go + pos * g.C);
+      for (int64_t o = 0; o < go_bytes; o += 64) _mm_prefetch(grow + o, _MM_HINT_T1);
     }
   }
 #else
-  (void)g, (void)win, (void)qkv, (void)go;
+  (void)st, (void)g, (void)win, (void)qkv, (void)go;
 #endif
 }
 
@@ -923,7 +921,7 @@ void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv
       if (u / g.heads != st.win) {
         flush_forward(st, w, g, o, l);
         load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), nullptr);
-        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(g, u / g.heads + 1, x, nullptr);
+        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(st, g, u / g.heads + 1, x, nullptr);
 #if VLM_WA_AVX512
         if constexpr (std::is_same_v<acc_t, float>)
           if (fast) fw->prepare(st.in.data(), g.C, p.scale, w.label.data(), st.mixed);
@@ -1004,7 +1002,7 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::T
       if (u / g.heads != st.win) {
         flush_backward(st, w, g, dx);
         load_window<scalar_t, acc_t>(st, w, g, u / g.heads, x, pad.data(), gop);
-        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(g, u / g.heads + 1, x, gop);
+        if (u / g.heads + 1 < (u1 + g.heads - 1) / g.heads) prefetch_window<scalar_t>(st, g, u / g.heads + 1, x, gop);
 #if VLM_WA_AVX512
         if constexpr (std::is_same_v<acc_t, float>) {
           if (fast) {
