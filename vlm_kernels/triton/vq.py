@@ -83,6 +83,7 @@ import triton
 import triton.language as tl
 
 from ..reference.vq import COSINE_EPS
+from ._target import sized_for_interpreter
 
 # Rows per program and codes per tile of the main kernel; a whole D <= MAX_BLOCK_D is one chunk (the row
 # tile then stays in registers across codebook tiles). BLOCK_M rows with 8 warps when there are at least
@@ -566,7 +567,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
     if force_rescan:
         tol_g = float("inf")
 
-    interpreted = x.device.type == "cpu"
+    interpreted = sized_for_interpreter(x)
     if block_m is None:
         if interpreted:
             bm = INTERPRETER_BLOCK_M
