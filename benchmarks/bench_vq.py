@@ -133,6 +133,24 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     return out
 
 
+def scaling_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """Nearest-code lookup of N rows against K=8192 codes, D=256, for growing N."""
+    gpu = device.type == "cuda"
+    k = QUICK_K if quick else K
+    ns = (512, 2048) if quick else ((4096, 16384, 65536, 262144) if gpu else (1024, 4096, 16384, 65536))
+    out = []
+    for n in ns:
+        impls = {"vlm_kernels": _lookup("ours", n, k, device), "torch.cdist + argmin": _lookup("cdist", n, k, device)}
+        if gpu:
+            impls["torch.matmul x@e^T TF32"] = _lookup("matmul tf32", n, k, device)
+        else:
+            impls["faiss IndexFlatL2"] = _lookup("faiss", n, k, device)
+        out.append(Case("vq_nearest", f"N={n} K={k} D={D}", "lookup", "float32", "vlm_kernels", impls,
+                        floor_flops=2 * n * k * D, repeats=3, scaling_group=f"VQ lookup, K={k} D={D}", size=n,
+                        size_label="N (rows)"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # pytest-benchmark suite (quick shapes; the runner covers the full ones).
 

@@ -40,3 +40,7 @@ class Case:
     headline: bool = False
     extended: bool = False
     extended_impls: frozenset = frozenset()
+    # Scaling curves (python -m benchmarks.run --scaling): the panel this case belongs to and its size.
+    scaling_group: str = ""
+    size: float = 0.0
+    size_label: str = ""
