@@ -66,9 +66,8 @@ def cpu_sources() -> list[str]:
     """The baseline objects first, then the AVX2 builds, then the AVX-512 ones: the linker keeps the first
     copy of an inline function compiled at several levels, so shared code is the lowest level's
     (csrc/cpu/isa.h)."""
-    cpu = os.path.join("csrc", "cpu")
-    levels = [sorted(glob.glob(os.path.join(cpu, "isa", f"*_{level}.cpp"))) for level in ("avx2", "avx512")]
-    return sorted(glob.glob(os.path.join(cpu, "*.cpp"))) + ["csrc/bindings.cpp"] + levels[0] + levels[1]
+    levels = [sorted(glob.glob(os.path.join("csrc", folder, "*.cpp"))) for folder in ("cpu", "cpu_avx2", "cpu_avx512")]
+    return ["csrc/bindings.cpp"] + levels[0] + levels[1] + levels[2]
 
 
 def build_config():

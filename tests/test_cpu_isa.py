@@ -132,3 +132,56 @@ def test_no_level_instructions_outside_their_namespace():
     assert not bad, "\n".join(bad[:20])
     # and the levels do contain their instructions (the wrappers' target pragmas took effect)
     assert wide["avx512"] > 100 and wide["avx2"] > 100, wide
+
+
+QEMU_SMOKE = r"""
+import torch, vlm_kernels as vk
+from vlm_kernels import _backend
+isa = _backend.cpu_isa()
+assert isa["detected"] == "avx2" and isa["selected"] == "avx2", isa  # QEMU's -cpu max: AVX2, no AVX-512
+g = torch.Generator().manual_seed(0)
+def both(fn):
+    with vk.use_backend("cpu"):
+        got = fn()
+    with vk.use_backend("reference"):
+        want = fn()
+    return got, want
+x = torch.randn(3, 40, 5, generator=g)
+for hard in (False, True):
+    a, b = both(lambda: vk.gumbel_softmax(x, tau=0.5, hard=hard, dim=1, seed=9))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+a, b = both(lambda: vk.gumbel_argmax(x, dim=1, seed=9)); assert torch.equal(a, b)
+a, b = both(lambda: vk.categorical_kl_uniform(x, dim=1)); torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+xg = x.clone().requires_grad_(True)
+a, b = both(lambda: torch.autograd.grad(vk.gumbel_softmax(xg, tau=0.5, dim=1, seed=9).square().sum(), xg)[0])
+torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+r = torch.randn(200, 24, generator=g); e = torch.randn(70, 24, generator=g)
+a, b = both(lambda: vk.vq_nearest(r, e)); assert torch.equal(a[0], b[0])
+idx = b[0]
+a, b = both(lambda: vk.vq_code_stats(r, idx, 70)); torch.testing.assert_close(a, b)
+qkv = torch.randn(2, 9, 11, 3 * 32, generator=g, requires_grad=True); t = torch.randn(169, 2, generator=g)
+f = lambda: torch.autograd.grad(vk.window_attention(qkv, num_heads=2, window_size=7, shift_size=3,
+                                                    rel_pos_bias=t).square().sum(), qkv)[0]
+a, b = both(f); torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+print("SMOKE OK", isa)
+"""
+
+
+def _require_qemu():
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if "qemu" in os.environ.get("VLM_KERNELS_TEST_REQUIRE", ""):
+            pytest.fail("qemu-x86_64 is required by VLM_KERNELS_TEST_REQUIRE (apt-get install qemu-user)")
+        pytest.skip("qemu-x86_64 not installed (Debian's qemu-user)")
+    return qemu
+
+
+def test_every_op_on_a_cpu_without_avx512():
+    """Under QEMU's -cpu max (AVX2 and FMA, no AVX-512) the automatic choice picks the AVX2 level, which
+    matches the reference; an AVX-512 instruction would kill the process (SIGILL)."""
+    qemu = _require_qemu()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
+    env.pop("VLM_KERNELS_CPU_ISA", None)
+    proc = subprocess.run([qemu, "-cpu", "max", sys.executable, "-c", QEMU_SMOKE], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0 and "SMOKE OK" in proc.stdout, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])

@@ -1,20 +1,24 @@
 // Instruction-set levels of the CPU kernels, chosen once at load time.
 //
 // Every kernel file (csrc/cpu/<op>.cpp) is compiled once per level: as itself for the portable
-// baseline (no -march flag: SSE2 on x86-64, NEON on aarch64), and on x86-64 by the wrappers in
-// csrc/cpu/isa/ for AVX2+FMA (x86-64-v3) and AVX-512 (F, BW, VL, DQ: x86-64-v4). A wrapper turns on
-// the level's instructions with `#pragma GCC target` (which also defines __AVX2__, __AVX512F__, ...),
-// sets VLM_CPU_LEVEL to the level's namespace, and includes the kernel file. So inside a kernel file:
+// baseline (no -march flag: SSE2 on x86-64, NEON on aarch64), and on x86-64 by the wrappers of the same
+// name in csrc/cpu_avx2/ (AVX2+FMA, x86-64-v3) and csrc/cpu_avx512/ (AVX-512 F/BW/VL/DQ, x86-64-v4). A
+// wrapper includes the kernel file's headers, turns on the level's instructions with `#pragma GCC
+// target` (which also defines __AVX2__, __AVX512F__, ...), sets VLM_CPU_LEVEL to the level's namespace
+// and includes the kernel file. So inside a kernel file:
 //   * choose vector code with the predefined macros (__AVX512F__, __AVX2__ && __FMA__, __ARM_NEON);
 //   * put everything in `namespace vlm { namespace VLM_CPU_LEVEL {`: each level's copy of a kernel has
 //     its own names, so no two levels' functions are ever merged;
 //   * the header (csrc/cpu/<op>.h) declares the entry points inside the same namespace and has no
-//     include guard, so that the registration (csrc/cpu/dispatch.cpp) can declare every level's.
-// Inline functions of the headers a kernel file uses (ATen, c10, std) are compiled at every level and
-// merged by the linker, which keeps the first copy: the baseline objects are linked first, then AVX2,
-// then AVX-512, so a function shared by several levels always runs the lowest level's code
-// (tests/test_cpu_isa.py disassembles the library to check that no AVX-512 instruction sits outside
-// the avx512 namespace, and no AVX2 instruction outside avx2/avx512).
+//     include guard: the baseline build includes it once more per level (other_levels.h) and registers
+//     the ops with the entry points of the level chosen at load time.
+// Inline functions of the headers (ATen, c10, std) stay baseline code: the wrapper includes them before
+// its target pragma, and GCC compiles a function with the options in force where it is defined. A
+// template first instantiated by a level's code may still come out at that level; the linker keeps the
+// first copy of such a function, and the objects are linked baseline first, then AVX2, then AVX-512
+// (csrc/cpu/ < csrc/cpu_avx2/ < csrc/cpu_avx512/ also in sorted order, which some build tools use), so
+// a function shared by several levels runs the lowest one's code. tests/test_cpu_isa.py disassembles
+// the library: no AVX-512 instruction outside vlm::avx512, no AVX instruction outside vlm::avx2/avx512.
 //
 // VLM_KERNELS_CPU_ISA=baseline|avx2|avx512 (read once, at load) forces a lower level; asking for a
 // level this CPU cannot run (or an unknown name) makes every CPU kernel raise with that message.
@@ -37,7 +41,7 @@
 #define VLM_CPU_MULTI_LEVEL 0
 #endif
 
-// A wrapper in csrc/cpu/isa/ defines VLM_CPU_LEVEL before including a kernel file; the kernel file's
+// A wrapper in csrc/cpu_avx2/ or csrc/cpu_avx512/ defines VLM_CPU_LEVEL before including a kernel file; the kernel file's
 // own compilation is the baseline build (the one that also registers the ops, see other_levels.h).
 #ifndef VLM_CPU_LEVEL
 #define VLM_CPU_LEVEL base

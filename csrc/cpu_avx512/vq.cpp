@@ -1,5 +1,5 @@
-// The AVX-512 F/BW/VL/DQ (x86-64-v4) build of csrc/cpu/vq.cpp (see csrc/cpu/isa.h). Its headers are included first, before
-// the target pragma, so that the inline functions they define stay baseline code.
+// The AVX-512 F/BW/VL/DQ (x86-64-v4) build of csrc/cpu/vq.cpp (see csrc/cpu/isa.h).
+// Its headers are included first, before the target pragma, so that their inline functions stay baseline.
 #define VLM_CPU_LEVEL avx512
 #include "cpu/isa.h"
 #if VLM_CPU_MULTI_LEVEL

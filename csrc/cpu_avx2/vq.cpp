@@ -1,5 +1,5 @@
-// The AVX2 + FMA (x86-64-v3) build of csrc/cpu/vq.cpp (see csrc/cpu/isa.h). Its headers are included first, before
-// the target pragma, so that the inline functions they define stay baseline code.
+// The AVX2 + FMA (x86-64-v3) build of csrc/cpu/vq.cpp (see csrc/cpu/isa.h).
+// Its headers are included first, before the target pragma, so that their inline functions stay baseline.
 #define VLM_CPU_LEVEL avx2
 #include "cpu/isa.h"
 #if VLM_CPU_MULTI_LEVEL
