@@ -1,6 +1,11 @@
 """Gumbel-softmax benchmarks: vlm_kernels against F.gumbel_softmax (eager and torch.compile) and a plain
 torch.softmax of the same tensor, forward soft, forward hard and forward+backward.
 
+On a GPU: the target shapes (64, 8192, 32, 32) dim=1 and (65536, 8192) dim=-1, with the fraction of the
+measured copy bandwidth (logits read + sample written; fwd+bwd: x, y, dy read/written, dx) as the
+target, and each GPU backend of ours timed on its own (``vlm_kernels triton`` / ``vlm_kernels cuda``)
+so that the automatic choice per layout can follow the measurement.
+
 Runner: ``python -m benchmarks.run --ops gumbel``. pytest-benchmark: ``pytest benchmarks/bench_gumbel.py``.
 """
 
@@ -18,6 +23,7 @@ from .cases import Case, Target
 
 # (label, shape, dim): the dVAE's NCHW logits and a long batch of 8192-way rows.
 FULL_SHAPES = [("(8,8192,32,32) dim=1", (8, 8192, 32, 32), 1), ("(65536,8192) dim=-1", (65536, 8192), -1)]
+GPU_SHAPES = [("(64,8192,32,32) dim=1", (64, 8192, 32, 32), 1), ("(65536,8192) dim=-1", (65536, 8192), -1)]
 QUICK_SHAPES = [("(2,8192,8,8) dim=1", (2, 8192, 8, 8), 1), ("(2048,8192) dim=-1", (2048, 8192), -1)]
 MODES = ("fwd soft", "fwd hard", "fwd+bwd")
 
@@ -26,10 +32,12 @@ CPU_TARGETS = {
     "fwd hard": [Target("F.gumbel_softmax", 10.0, ">=10x F.gumbel_softmax"), Target("torch.softmax", 1 / 3, "within 3x of torch.softmax")],
     "fwd+bwd": [Target("F.gumbel_softmax", 5.0, ">=5x F.gumbel_softmax")],
 }
+# On a GPU the one-pass kernel is bandwidth-bound: the target is the fraction of the copy bandwidth
+# (eager F.gumbel_softmax's own traffic caps any one-pass kernel at about 6x over it).
 GPU_TARGETS = {
-    "fwd soft": [Target("F.gumbel_softmax", 8.0, ">=8x F.gumbel_softmax")],
-    "fwd hard": [Target("F.gumbel_softmax", 8.0, ">=8x F.gumbel_softmax")],
-    "fwd+bwd": [],
+    "fwd soft": [Target("floor", 0.85, ">=85% of copy bandwidth")],
+    "fwd hard": [Target("floor", 0.85, ">=85% of copy bandwidth")],
+    "fwd+bwd": [Target("floor", 0.70, ">=70% of copy bandwidth")],
 }
 
 
@@ -63,6 +71,14 @@ def _ours(x, hard, dim):
     return vk.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
 
 
+def _ours_on(backend):
+    def fn(x, hard, dim):
+        with vk.use_backend(backend):
+            return vk.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
+
+    return fn
+
+
 def _torch(x, hard, dim):
     return F.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
 
@@ -77,9 +93,10 @@ def _softmax(x, hard, dim):
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     dtype = torch.float32
-    targets = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
+    gpu = device.type == "cuda"
+    targets = GPU_TARGETS if gpu else CPU_TARGETS
     out = []
-    for label, shape, dim in QUICK_SHAPES if quick else FULL_SHAPES:
+    for label, shape, dim in QUICK_SHAPES if quick else (GPU_SHAPES if gpu else FULL_SHAPES):
         numel = 1
         for s in shape:
             numel *= s
@@ -92,10 +109,15 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             }
             if mode != "fwd+bwd":
                 impls["torch.softmax"] = _call(_softmax, shape, dim, mode, device, dtype)
+            if gpu:
+                for backend in ("triton", "cuda"):
+                    impls[f"vlm_kernels {backend}"] = _call(_ours_on(backend), shape, dim, mode, device, dtype)
             # Bytes the forward must move: logits read once, sample written once (fwd+bwd: x, y, dy, dx).
             floor_bytes = numel * 4 * (2 if mode != "fwd+bwd" else 5)
-            out.append(Case("gumbel_softmax", label, mode, "float32", "vlm_kernels", impls, targets[mode],
-                            floor_bytes=floor_bytes, repeats=2 if big and device.type == "cpu" else 5))
+            out.append(Case("gumbel_softmax", label, mode, "float32", "vlm_kernels", impls, list(targets[mode]),
+                            floor_bytes=floor_bytes, repeats=2 if big and not gpu else 10,
+                            headline=mode in ("fwd soft", "fwd+bwd"),
+                            extended_impls=frozenset({"F.gumbel_softmax compiled"})))
     return out
 
 

@@ -94,10 +94,11 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         if not quick:
             impls["timm compiled"] = _swin("timm compiled", batch, mode, device)
         out.append(Case("swin_tiny", f"B={batch} 224x224", mode, "float32", "vlm_kernels", impls,
-                        [] if gpu else CPU_TARGETS[mode], repeats=3 if gpu else 5))
+                        [] if gpu else CPU_TARGETS[mode], repeats=3 if gpu else 5, extended=gpu,
+                        extended_impls=frozenset({"timm compiled"})))
     d_batch, size = (2, 64) if quick else ((32, 256) if gpu else (8, 128))
     impls = {"vlm_kernels": _dvae_sample("ours", d_batch, size, device),
              "F.gumbel_softmax": _dvae_sample("torch", d_batch, size, device)}
     out.append(Case("dvae encode+sample", f"B={d_batch} {size}x{size} vocab 8192 n_hid 64", "fwd", "float32",
-                    "vlm_kernels", impls, [], repeats=3))
+                    "vlm_kernels", impls, [], repeats=3, extended=gpu))
     return out

@@ -10,13 +10,15 @@ from typing import Callable, Optional
 class Target:
     """``peer_time / our_time >= min_ratio`` (a speed-up target; 1/3 means 'within 3x'); with peer
     ``"floor"``, ``floor_time / our_time >= min_ratio`` (the case's floor_bytes at the measured copy
-    bandwidth; 0.5 means 'within 2x of the memory floor'); or, with ``max_bytes``, a memory target: our
-    peak extra memory ``<= max_bytes``."""
+    bandwidth; 0.5 means 'within 2x of the memory floor'); with ``max_bytes``, a memory target: our
+    peak extra memory ``<= max_bytes``; with ``max_seconds``, a time target: our time per call
+    ``<= max_seconds`` (host overhead)."""
 
     peer: str
     min_ratio: float
     label: str
     max_bytes: Optional[int] = None
+    max_seconds: Optional[float] = None
 
 
 @dataclass
@@ -31,3 +33,10 @@ class Case:
     floor_bytes: Optional[int] = None  # fewest bytes the op must move (inputs read + outputs written)
     floor_flops: Optional[int] = None
     repeats: int = 3
+    calls: int = 1  # op calls per timed call (time_s is reported per op call)
+    # Modes of the GPU check (benchmarks/gpu_check.sh): a headline case is timed first; an extended
+    # case (or implementation) runs only in the second, extended pass (torch.compile peers, FlexAttention,
+    # whole blocks and models), which a short GPU lease may not reach.
+    headline: bool = False
+    extended: bool = False
+    extended_impls: frozenset = frozenset()

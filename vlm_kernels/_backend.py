@@ -124,6 +124,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_triton_compile_only = False
+
+
+def set_triton_compile_only(on: bool) -> None:
+    """Compile-only mode (``python -m benchmarks.compile_report``): the triton backend accepts CPU tensors,
+    its launchers size their launches for a GPU (see ``vlm_kernels.triton._target``), and every launch
+    is turned into an sm_90 compile by the report; nothing runs. Not for use outside that report."""
+    global _triton_compile_only
+    _triton_compile_only = bool(on)
+
+
+def triton_compile_only() -> bool:
+    return _triton_compile_only
+
+
 def device_reason(name: str, device: torch.device) -> str:
     """Why backend ``name`` cannot run on tensors of ``device`` ('' when it can)."""
     avail = availability(name)
@@ -137,7 +152,7 @@ def device_reason(name: str, device: torch.device) -> str:
         if torch.version.hip is not None:
             return "the cuda backend is not built for ROCm"
     if name == "triton":
-        if device.type == "cpu" and not triton_interpreted():
+        if device.type == "cpu" and not (triton_interpreted() or triton_compile_only()):
             return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device.type} tensors"

@@ -75,7 +75,6 @@ computes ``tl.dot`` in full fp32 (``emulate_tf32=True`` truncates the operands t
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -83,8 +82,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreted
 from ..reference.vq import COSINE_EPS
+from ._target import sized_for_interpreter, sm_count
 
 # Main kernel tiles. The row tile x - c stays resident (in the dot's operand registers) across code tiles
 # when D <= RESIDENT_MAX_D (fp32/tf32 operands; twice that for fp16 operands): BLOCK_M x D fp32 = 128
@@ -112,7 +111,6 @@ RESCAN_MAX_SPLITS = 32
 RESCAN_CAP = 4096
 RESCAN_PROGRAMS_PER_SM = 2
 REDUCE_ROWS = 64
-H100_SMS = 132  # when no device can be asked (offline compiles)
 STATS_ROWS = 64
 STATS_BLOCK_D = 32
 # In the Triton interpreter (tests, CPU tensors) each block op is a Python-level step and registers are no
@@ -746,17 +744,8 @@ def _launch_nearest(grid, args, meta) -> None:
     _vq_nearest_kernel[grid](*args, **meta)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _rescan_programs(device: torch.device, interpreted: bool) -> int:
-    if interpreted:
-        return INTERPRETER_PROGRAMS
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else H100_SMS
-    return RESCAN_PROGRAMS_PER_SM * sms
+def _rescan_programs(x: torch.Tensor, interpreted: bool) -> int:
+    return INTERPRETER_PROGRAMS if interpreted else RESCAN_PROGRAMS_PER_SM * sm_count(x)
 
 
 def _rescan(x, codebook, aux, flagged, count, indices, distances, D, inner, K, l2, interpreted, block_k,
@@ -769,7 +758,7 @@ def _rescan(x, codebook, aux, flagged, count, indices, distances, D, inner, K, l
     cap = min(n, cap) if splits > 1 else 0
     part_sc = torch.empty(max(cap, 1) * splits, dtype=torch.float64, device=x.device)
     part_i = torch.empty(max(cap, 1) * splits, dtype=torch.int32, device=x.device)
-    programs = _rescan_programs(x.device, interpreted)
+    programs = _rescan_programs(x, interpreted)
     chunk = INTERPRETER_RESCAN_CHUNK if interpreted else RESCAN_CHUNK
     _vq_rescan_kernel[(programs,)](
         x, codebook, aux, flagged, count, indices, distances, part_sc, part_i, D, inner, K, span, cap, programs,
@@ -822,7 +811,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
 
     dot_fp16 = x.dtype == torch.float16
     l2 = metric == "l2"
-    interpreted = triton_interpreted()
+    interpreted = sized_for_interpreter(x)
     if block_m is None:
         if interpreted:
             bm = INTERPRETER_BLOCK_M
