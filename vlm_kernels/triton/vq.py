@@ -95,6 +95,11 @@ SMALL_BLOCK_M = 64
 BIG_M_PROGRAMS = 264
 BLOCK_N = 64
 RESIDENT_MAX_D = 256
+# Triton releases whose sm_90 build keeps the resident operand in registers (checked offline: 3.6 does,
+# 255 registers, no spills; 3.8 re-loads it from a shared-memory copy inside the loop, which with the code
+# tiles needs 320 KB of shared memory). Other releases stream x (and a resident launch that runs out of
+# resources anyway falls back to streaming).
+RESIDENT_TRITON = ((3, 2), (3, 7))  # [from, to)
 RESIDENT_STAGES = 3  # 3 x (256 x 64 fp32) = 192 KB of code tiles in flight at D = 256
 LOOP_BLOCK_D = 32  # D chunk when x is not resident (64 spills on sm_90: ptxas -v of the 3.8 output)
 LOOP_STAGES = 2
@@ -727,6 +732,10 @@ def _tolerances(D: int, metric: str, dot_fp16: bool) -> tuple[float, float, floa
 _RESIDENT_FAILED: set = set()
 
 
+def _triton_version() -> tuple[int, int]:
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 def _launch_nearest(grid, args, meta) -> None:
     """Launch the main kernel; a resident variant that runs out of resources falls back to streaming x."""
     key = (meta["DOT_FP16"], meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["num_stages"])
@@ -822,7 +831,8 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
     bn_max = max_block_n or (INTERPRETER_BLOCK_N if interpreted else BLOCK_N)
     bn = max(_MIN_DOT, min(_pow2_floor(bn_max), triton.next_power_of_2(K)))
     if max_block_d is None:
-        resident = D <= RESIDENT_MAX_D * (2 if dot_fp16 else 1)
+        resident = D <= RESIDENT_MAX_D * (2 if dot_fp16 else 1) and (
+            interpreted or RESIDENT_TRITON[0] <= _triton_version() < RESIDENT_TRITON[1] or D <= LOOP_BLOCK_D)
         bd = max(_MIN_DOT, triton.next_power_of_2(D)) if resident else (64 if interpreted else LOOP_BLOCK_D)
     else:
         bd = _block_d(D, max_block_d, _MIN_DOT)
