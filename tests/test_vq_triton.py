@@ -1,4 +1,5 @@
-"""Triton-specific tests of ``vlm_kernels.triton.vq`` (run through the interpreter on CPU).
+"""Triton-specific tests of ``vlm_kernels.triton.vq``: through the interpreter on CPU tensors, and (``cuda``
+marker) compiled on a GPU.
 
 The oracle here is :func:`exact_nearest`: the float64 direct-difference distance to every code (small
 shapes only), lowest index on exact ties, the reference's non-finite rules. Small tile sizes are forced so
@@ -14,15 +15,25 @@ from conftest import backend_reason
 
 triton = pytest.importorskip("triton")
 
+# On a GPU machine (no TRITON_INTERPRET) the interpreter tests skip and the `cuda` ones run.
 _REASON = backend_reason("triton", "cpu")
-if _REASON:
-    pytest.skip(f"triton: {_REASON}", allow_module_level=True)
+_CUDA_REASON = backend_reason("triton", "cuda") if torch.cuda.is_available() else "no CUDA device"
+if _REASON and _CUDA_REASON:
+    pytest.skip(f"triton: {_REASON}; {_CUDA_REASON}", allow_module_level=True)
 
 import vlm_kernels  # noqa: E402
 from vlm_kernels.reference import vq as ref  # noqa: E402
 from vlm_kernels.triton import vq as tvq  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_or_cuda(request):
+    if _REASON and "cuda" not in request.keywords:
+        pytest.skip(f"triton on CPU tensors: {_REASON}")
+
+
 SMALL = dict(block_m=16, max_block_n=16, max_block_d=16)  # many programs, tiles and D chunks
 
 

@@ -8,7 +8,7 @@ Layout. ``x`` is viewed as ``(outer, D, inner)`` with ``D = x.shape[dim]``; row 
 element ``d`` at ``o * D * inner + d * inner + i`` (``dim = -1``: ``inner = 1``, plain rows). The kernels read
 ``x`` strided in place: no transposed copy is made. The codebook is ``(K, D)``.
 
-Nearest code (:func:`vq_nearest`), two launches and no host synchronisation:
+Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisation:
 
 1. ``_vq_nearest_kernel``: one program per ``BLOCK_M`` rows walks the codebook in ``BLOCK_N``-code tiles.
    Each tile's scores come from ``tl.dot`` on tensor cores (TF32 for float32 and bfloat16 input, fp16 for
@@ -16,44 +16,71 @@ Nearest code (:func:`vq_nearest`), two launches and no host synchronisation:
    do not cancel: with ``c`` the mean of the finite codes, l2 scores ``|e - c|^2 - 2 (x - c) . (e - c)``
    (``|x - e|^2`` less a per-row constant); cosine scores ``-x . e_n + x . m = -c . (e_n - m) - (x - c) .
    (e_n - m)`` with ``e_n = e / max(|e|, eps)`` and ``m`` the mean of the ``e_n`` (``-|x| cos`` plus a per-row
-   constant), the first term a per-code penalty prepared in float64. No N x K matrix: each row keeps its 4
-   best approximate candidates (a sorted where-chain insertion, fed by extracting each tile's 4 smallest
-   scores), then re-scores them exactly in float64 on the original values (direct difference; cosine
-   ``x . e / (max(|x|, eps) max(|e|, eps))``) and keeps the best (lowest index on ties).
+   constant), the first term a per-code penalty prepared in float64. TF32 operands are rounded to the
+   nearest TF32 value first (the codebook once on the host side, ``x - c`` once per row tile), which the
+   tensor cores then keep exactly: half the error of their own truncation.
+
+   Resident row tile. When D <= 256 (fp32/bf16; 512 for fp16) the program's ``x - c`` tile is staged once,
+   before the code loop, and stays in the wgmma A-operand registers (128 per thread for 128 rows of 256
+   fp32 at 8 warps); each code tile is one dot over the whole D, its [D, BLOCK_N] slice of the (zero-padded,
+   whole-tile) prepared codebook pipelined through shared memory (3 stages: 192 KB at D = 256). The first
+   tile is peeled out of the loop: the operand then has two users, which keeps Triton (3.6) from re-loading
+   it from a shared-memory copy in every iteration. Triton 3.8 re-loads it anyway (320 KB of shared memory,
+   spills), so releases outside ``RESIDENT_TRITON`` stream x instead: D in chunks of ``LOOP_BLOCK_D``,
+   re-staged for every code tile (as does any larger D); a resident launch that runs out of resources
+   falls back to that too.
+
+   Epilogue (per score: one FFMA, one LOP3, three FMNMX). Each score's ``INDEX_BITS = log2(BLOCK_N)`` low
+   mantissa bits are replaced by its column: one float min then gives the score and the code. One reduce
+   per tile yields each row's smallest and second-smallest key; the smallest joins a sorted 6-candidate
+   list (a where-chain insertion per row, amortised over the tile), the second lowers ``bound``. A code
+   outside the list is a tile's non-best (key >= that tile's second best >= ``bound``) or a tile-best pushed
+   out by six smaller keys (key >= ``s5``): every left-out key is >= ``low = min(s5, bound)``. After the
+   loop the 6 candidates are re-scored exactly in float64 on the original values (direct difference;
+   cosine ``x . e / (max(|x|, eps) max(|e|, eps))``), lowest index on ties.
 2. Rigour. A per-row bound ``tol`` on the error of the approximate scores (below) decides whether the
-   kept set provably holds the true winner: a code left out has an approximate score >= the worst kept
-   one ``s4``, hence a true score >= ``s4 - tol``; the chosen candidate's true score in the same form is
-   known from the float64 re-score (l2: ``|x - e|^2 - |x - c|^2``, cosine: ``-cos |x| + x . m``). If
-   ``s4 - tol`` exceeds it (plus a float64 rounding slack), no left-out code can win or tie. Otherwise the
-   row is *flagged*: its number is appended to a compact list (one ``atomic_add`` per program on a device
-   counter, positions by ``tl.cumsum``). ``_vq_rescan_kernel`` (grid over the worst case, programs past the
-   counter do nothing) then scans every code for the listed rows in float64 (direct difference) and
-   overwrites their outputs. Rows whose approximate scores could overflow (``|x - c| + M`` too large for
-   fp32 scores, or for fp16 operands) are flagged too.
+   candidates provably hold the true winner: a left-out code's score is >= ``low - |low| 2^(INDEX_BITS-22)``
+   (the key's low bits), hence its true score >= that - ``tol``; the chosen candidate's true score in the
+   same form is known from the float64 re-score (l2: ``|x - e|^2 - |x - c|^2``, cosine: ``-cos |x| + x .
+   m``). If the former exceeds it (plus a float64 rounding slack), no left-out code can win or tie.
+   Otherwise the row is *flagged*: its number is appended to a compact list (one ``atomic_add`` per
+   program on a device counter, positions by ``tl.cumsum``). Rows whose approximate scores could overflow
+   (``|x - c| + M`` too large for fp32 scores, or for fp16 operands) are flagged too.
+3. Rescan. ``_vq_rescan_kernel`` runs on a fixed grid (2 programs per SM) whose programs loop over work
+   items counted from the device counter. While at most ``RESCAN_CAP`` rows are flagged, the codebook is
+   split into up to 32 ranges of >= 256 codes and an item is (16 listed rows, one range): the few flagged
+   rows' float64 work spreads over every SM; each item writes its rows' best (score, lowest code) per
+   range, and ``_vq_rescan_reduce_kernel`` keeps the smallest, the lowest range on ties (so the lowest
+   index). With more flagged rows, an item is 16 rows against the whole codebook, written directly.
+   Either way the scores are float64 direct differences (one sub and one fma per term) and the outputs of
+   the listed rows are overwritten.
 
 Error bound (``_tolerances``). With ``u = 2^-24``, each dot operand carries a relative error of at most
 ``delta = u + u_p`` (the fp32 rounding of ``x - c`` / of the prepared code, then the rounding to the
-tensor-core input format: ``u_p = 2^-10`` for TF32, which Hopper truncates, ``2^-11`` for fp16), and an fp32
+tensor-core input format: ``u_p = 2^-11``, for fp16 and for the kernel's round-to-nearest TF32), and an fp32
 accumulation of D exact products in any order (truncating adds allowed) errs by at most
 ``gamma = 4 (D + 16) u`` of the sum of ``|products|``; so ``|dot' - dot| <= g |x - c| |p_k|`` with
 ``g = (2 delta + delta^2)(1 + gamma) + gamma`` (Cauchy-Schwarz; ``p_k`` the prepared code). The score
 ``penalty - s dot`` (``s`` = 2 for l2, 1 for cosine) adds the fp32 rounding of the penalty and of the
 subtraction: ``err <= (s g + 4u) |x - c| M + 4u P`` with ``M = max_k |p_k|`` and ``P = max_k |penalty_k|``.
 The kernel uses twice that (margin for tensor-core accumulation quirks), plus ``2^-22 sqrt(D) (|x - c| + M)``
-for fp16 subnormals and a ``2^-100`` floor for fp32 underflow. A row whose gap between its best and 4th-best
-code is below about ``tol`` costs a float64 scan of the whole codebook; ``force_rescan=True`` flags every
-finite row.
+for fp16 subnormals and a ``2^-100`` floor for fp32 underflow. ``force_rescan=True`` flags every finite row.
+On random normal data at N = 65536, K = 8192, D = 256 (fp32, BLOCK_N = 64) a replica of this logic in
+PyTorch flags about 0.06% of the rows for l2 and 0.13% for cosine (with 4 candidates and TF32 truncation,
+as before: 1.1% and 0.8%).
 
 Why TF32 for bfloat16 input rather than bf16 operands: the centred values ``x - c`` and ``e - c`` are no
-longer bf16 numbers, and bf16 operands (``u_p = 2^-8``) would make ``tol`` 4x wider than TF32 does, sending
+longer bf16 numbers, and bf16 operands (``u_p = 2^-8``) would make ``tol`` 8x wider than TF32 does, sending
 many more rows to the float64 rescan, which costs far more than the 2x of tensor-core rate.
 
 Non-finite values (as in the reference): a code with a NaN or an infinity is never chosen (it is zeroed in
-the prepared copy and its score is +inf); a row with a NaN or an infinity (found as ``sum(x_d * 0)`` being
-NaN), or any row when no code is finite, gets index 0 and distance NaN.
+the prepared copy and its penalty is ``2^126``, a finite score above any real one, so that no NaN enters the
+min/max reductions; keys that large hold no code); a row with a NaN or an infinity (found as ``sum(x_d * 0)``
+being NaN), or any row when no code is finite, gets index 0 and distance NaN.
 
-Extra memory: O(N + K D): the prepared (centred or normalised) codebook in the dot's input dtype, fp32
-norms/penalties, float64 per-code norms, and an int64 list of flagged rows.
+Extra memory: O(N + K D): the prepared (centred or normalised) codebook in the dot's input dtype padded to
+whole tiles, fp32 norms/penalties, float64 per-code norms, an int64 list of flagged rows, and the split
+rescan's per-range partials (at most RESCAN_CAP x 32 x 12 bytes = 1.5 MB).
 
 Per-code statistics (:func:`vq_code_stats`): one pass over ``x``, ``tl.atomic_add`` of each row into its
 code's fp32 sum and count. On a GPU the float sums are therefore not bit-reproducible from run to run
@@ -62,15 +89,14 @@ code's fp32 sum and count. On a GPU the float sums are therefore not bit-reprodu
 Offsets are int32 unless some element offset of ``x`` or the codebook can reach 2^31 (``_needs_int64``),
 then int64: int64 addresses for every element of a tile made the main kernel spill heavily on sm_90.
 
-Unmeasured: everything on a GPU (none was available to this work). The tile sizes (BLOCK_M = 128 rows with
-8 warps when there are enough rows for two waves of programs on an H100, else 64 rows with 4 warps;
-BLOCK_N = 64; the whole D when D <= 64, else chunks of 32; num_stages = 2) are chosen by reasoning and by
-compiling for sm_90 without a GPU (``triton.compile`` with a ``GPUTarget("cuda", 90, 32)``, then
-``ptxas -v``): every variant compiles to wgmma code; the int32-offset variants spill at most ~100 bytes
-(mostly none), the int64 ones up to ~1 KB. Not tuned; no split over the codebook for few rows and large K.
-The share of flagged rows on real (trained) codebooks, the cost of the float64 rescan and of the atomics
-under contention have not been measured. The tests run the kernels in the Triton interpreter, which
-computes ``tl.dot`` in full fp32 (``emulate_tf32=True`` truncates the operands to TF32 there).
+Unmeasured: everything on a GPU (none was available to this work). The configurations are chosen by
+reasoning and by compiling for sm_90 without a GPU (a fake driver with ``GPUTarget("cuda", 90, 32)``; see
+``python -m benchmarks.compile_report``). At N = 65536, K = 8192, D = 256 fp32 with Triton 3.6: 255
+registers, no local memory, 192 KB shared memory, 32 HGMMA.64x64x8.F32.TF32 (A from registers) per code
+tile and 468 SASS instructions per thread per tile in all. The share of flagged rows on real (trained)
+codebooks and the float64 rescan's rate have not been measured. The tests run the kernels in the Triton
+interpreter, which computes ``tl.dot`` in full fp32 (``emulate_tf32=True`` truncates the operands to TF32
+there).
 """
 
 from __future__ import annotations
@@ -94,6 +120,7 @@ BLOCK_M = 128
 SMALL_BLOCK_M = 64
 BIG_M_PROGRAMS = 264
 BLOCK_N = 64
+FP16_BLOCK_N = 128  # fp16 operands: half the x registers, so twice the codes per tile (same 64 KB per stage)
 RESIDENT_MAX_D = 256
 # Triton releases whose sm_90 build keeps the resident operand in registers (checked offline: 3.6 does,
 # 255 registers, no spills; 3.8 re-loads it from a shared-memory copy inside the loop, which with the code
@@ -828,7 +855,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
             bm = BLOCK_M if triton.cdiv(n, BLOCK_M) >= BIG_M_PROGRAMS else SMALL_BLOCK_M
     else:
         bm = max(_MIN_DOT, _pow2_floor(block_m))
-    bn_max = max_block_n or (INTERPRETER_BLOCK_N if interpreted else BLOCK_N)
+    bn_max = max_block_n or (INTERPRETER_BLOCK_N if interpreted else FP16_BLOCK_N if dot_fp16 else BLOCK_N)
     bn = max(_MIN_DOT, min(_pow2_floor(bn_max), triton.next_power_of_2(K)))
     if max_block_d is None:
         resident = D <= RESIDENT_MAX_D * (2 if dot_fp16 else 1) and (
