@@ -25,8 +25,8 @@ Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisa
    fp32 at 8 warps); each code tile is one dot over the whole D, its [D, BLOCK_N] slice of the (zero-padded,
    whole-tile) prepared codebook pipelined through shared memory (3 stages: 192 KB at D = 256). The first
    tile is peeled out of the loop: the operand then has two users, which keeps Triton (3.6) from re-loading
-   it from a shared-memory copy in every iteration. Triton 3.8 re-loads it anyway (320 KB of shared memory,
-   spills), so releases outside ``RESIDENT_TRITON`` stream x instead: D in chunks of ``LOOP_BLOCK_D``,
+   it from a shared-memory copy in every iteration. Triton 3.2 and 3.8 re-load it anyway (320 KB of shared
+   memory), so releases outside ``RESIDENT_TRITON`` (3.3-3.6) stream x instead: D in chunks of ``LOOP_BLOCK_D``,
    re-staged for every code tile (as does any larger D); a resident launch that runs out of resources
    falls back to that too.
 
@@ -122,11 +122,12 @@ BIG_M_PROGRAMS = 264
 BLOCK_N = 64
 FP16_BLOCK_N = 128  # fp16 operands: half the x registers, so twice the codes per tile (same 64 KB per stage)
 RESIDENT_MAX_D = 256
-# Triton releases whose sm_90 build keeps the resident operand in registers (checked offline: 3.6 does,
-# 255 registers, no spills; 3.8 re-loads it from a shared-memory copy inside the loop, which with the code
-# tiles needs 320 KB of shared memory). Other releases stream x (and a resident launch that runs out of
-# resources anyway falls back to streaming).
-RESIDENT_TRITON = ((3, 2), (3, 7))  # [from, to)
+# Triton releases whose sm_90 build keeps the resident operand in registers, checked offline at D = 256
+# fp32: 3.3.1 and 3.4.0 (255 registers, 80-120 B of spills outside the code loop), 3.5.1 and 3.6.0 (no
+# spills), all with 192 KB of shared memory. 3.2.0 and 3.8.0 keep a shared-memory copy of it and re-load
+# it in every iteration: 320 KB, more than an SM has. Other releases stream x (and a resident launch that
+# runs out of resources anyway falls back to streaming).
+RESIDENT_TRITON = ((3, 3), (3, 7))  # [from, to)
 RESIDENT_STAGES = 3  # 3 x (256 x 64 fp32) = 192 KB of code tiles in flight at D = 256
 LOOP_BLOCK_D = 32  # D chunk when x is not resident (64 spills on sm_90: ptxas -v of the 3.8 output)
 LOOP_STAGES = 2
@@ -383,6 +384,7 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
                        list_ptr, count_ptr, N, D, inner, K, tol_g, tol_h, tol_a, eps64, limit,
                        L2: tl.constexpr, DOT_FP16: tl.constexpr, SINGLE_D: tl.constexpr,
                        EVEN_D: tl.constexpr, EMULATE_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INDEX_BITS: tl.constexpr,
                        BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr, I64: tl.constexpr):
     pid = _index(tl.program_id(0), I64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -417,7 +419,6 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
     i4 = i0
     i5 = i0
     cols = tl.arange(0, BLOCK_N)
-    INDEX_BITS: tl.constexpr = BLOCK_N.bit_length() - 1
     acc = _tile_acc(xa, x_ptr, center_ptr, cbp_ptr, base, row_ok, finite, 0, cols, ds, inner, K, D, EVEN_D,
                     SINGLE_D, DOT_FP16, EMULATE_TF32, I64, BLOCK_M, BLOCK_N, BLOCK_D)
     s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound = _fold_tile(
@@ -876,7 +877,8 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
             n, D, inner, K, tol_g, tol_h, tol_a, (D + 8) * 2.0**-52, limit)
     meta = dict(L2=l2, DOT_FP16=dot_fp16, SINGLE_D=resident, EVEN_D=D == bd,
                 EMULATE_TF32=bool(emulate_tf32) and not dot_fp16,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK), I64=_needs_int64(x, K, D, bm),
+                BLOCK_M=bm, BLOCK_N=bn, INDEX_BITS=bn.bit_length() - 1, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK),
+                I64=_needs_int64(x, K, D, bm),
                 num_warps=8 if bm >= 128 else 4, num_stages=RESIDENT_STAGES if resident else LOOP_STAGES)
     _launch_nearest((triton.cdiv(n, bm),), args, meta)
     _rescan(x, codebook, aux, flagged, count, indices, distances, D, inner, K, l2, interpreted,
