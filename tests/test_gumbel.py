@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import vlm_kernels as vk
 from vlm_kernels import _backend
 from vlm_kernels.reference import gumbel as ref
-from vlm_kernels.reference.philox import gumbel_noise, philox_first, uniform_from_bits
+from vlm_kernels.reference.philox import gumbel_noise, philox4, uniform_from_bits
 
 # (shape, dim): odd sizes on purpose; dim=1 of NCHW is the dVAE layout.
 CASES = [
@@ -150,18 +150,20 @@ def test_seed_accepts_tensor_and_full_64_bit_range():
 
 
 def test_philox_known_answers():
-    # Philox4x32-10 first words for counters 0..3, key 0 (as Triton's tl.randint(0, offset) gives).
-    words = philox_first(torch.arange(4), 0).tolist()
-    assert words == [1713891541, 4175744164, 83534633, 3381718825]
+    # Philox4x32-10 words for counters 0..3, key 0 (Triton's tl.randint4x(0, counter)); the first words are
+    # tl.randint(0, counter)'s.
+    words = philox4(torch.arange(4), 0)
+    assert words[0].tolist() == [1713891541, 4175744164, 83534633, 3381718825]
+    assert [int(w[0]) for w in words] == [1713891541, 3781805453, 3159862348, 2600524760]
 
 
 def test_noise_finite_at_every_uniform_extreme():
     bits = torch.tensor([0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1])
     u = uniform_from_bits(bits)
-    assert (u > 0).all() and (u < 1).all()
-    from vlm_kernels.reference.philox import vlm_logf
+    assert (u >= 0).all() and (u < 1).all() and (u[[0, 7]] == 0).all()  # tl.rand's mapping: 0 included
+    from vlm_kernels.reference.philox import noise_from_bits
 
-    g = -vlm_logf(-vlm_logf(u))
+    g = noise_from_bits(bits)
     assert torch.isfinite(g).all(), g
 
 
