@@ -339,6 +339,37 @@ def test_automatic_fallback_warns_once(monkeypatch):
         vk.gumbel_softmax(x, seed=0)  # no second warning
 
 
+def test_cuda_tensors_start_with_the_backend_chosen_per_layout(monkeypatch):
+    """The automatic order on CUDA tensors follows ops.gumbel.CUDA_FIRST per entry and layout (decided from the
+    offline sm_90 compile, flipped by the GPU check); a forced backend ignores it. No GPU needed: the choice
+    only reads shapes and asks each backend whether it can run."""
+    from vlm_kernels.ops import gumbel as ops
+
+    cuda = torch.device("cuda")
+    rows, cols = torch.empty(4, 8192), torch.empty(2, 8192, 4, 4)
+    assert ops.cuda_layout(rows, 1) == "rows" and ops.cuda_layout(cols, 1) == "columns"
+    assert ops.cuda_layout(torch.empty(2, 40000), 1) == "rows long"
+    assert ops.cuda_layout(torch.empty(2, 9000, 3), 1) == "columns long"
+    for entry, args in (("softmax_forward", (rows, 1, 1.0, False, 1)), ("argmax", (cols, 1, 1)),
+                        ("softmax_backward", (cols, cols, 1, 1.0, False, 1))):
+        first = ops.CUDA_FIRST[entry][ops.cuda_layout(args[1] if entry == "softmax_backward" else args[0], 1)]
+        order = ops.TABLE.cuda_order(entry, *args)
+        assert order[0] == first and sorted(order) == sorted(ops.TABLE.order["cuda"])
+    # KL has no entry: the default order.
+    assert ops.TABLE.cuda_order("kl_forward", rows, 1) == ops.TABLE.order["cuda"]
+    if _backend.device_reason("triton", cuda):
+        pytest.skip("triton cannot be chosen here")
+    # Flipping an entry to cuda: tried first, and (no compiled CUDA kernels here) a warned fallback to triton.
+    monkeypatch.setitem(ops.CUDA_FIRST, "argmax", dict(ops.CUDA_FIRST["argmax"], columns="cuda"))
+    monkeypatch.setattr(_backend, "_warned", set())
+    assert ops.TABLE.cuda_order("argmax", cols, 1, 1)[0] == "cuda"
+    if _backend.device_reason("cuda", cuda):
+        with pytest.warns(RuntimeWarning, match="falling back to the triton backend"):
+            assert ops.TABLE.select("argmax", cuda, cols, 1, 1)[0] == "triton"
+    with vk.use_backend("reference"):
+        assert ops.TABLE.select("argmax", cuda, cols, 1, 1)[0] == "reference"
+
+
 def test_info_lists_every_backend():
     text = vk.info()
     for name in vk.BACKENDS:
