@@ -423,11 +423,28 @@ def test_empty_batch_is_fine(cpu_backend):
 # GPU (run by benchmarks/gpu_check.sh)
 
 
+# GPU layouts beyond CASES (float32 only, to keep compiles few): aligned columns and rows (one Philox call
+# per quad, vector access), columns past the one-read strip (two passes), long rows, rows whose group spans
+# 2 warps with 2 groups in a block (K = 2000 on CUDA, K = 200 for the CUDA KL kernel), unaligned columns.
+GPU_LAYOUTS = [((2, 9000, 8), 1), ((4, 300, 8), 1), ((2, 300, 6), 1), ((6, 2000), -1), ((5, 200), -1),
+               ((3, 40000), -1), ((2, 8, 12), 1)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape,dim", CASES + [((8, 8192, 4, 4), 1), ((64, 8192), -1), ((3, 20000), -1)])
 def test_gpu_matches_reference(gpu_backend, shape, dim):
+    _gpu_matches_reference(gpu_backend, shape, dim, DTYPES)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,dim", GPU_LAYOUTS)
+def test_gpu_layouts_match_reference(gpu_backend, shape, dim):
+    _gpu_matches_reference(gpu_backend, shape, dim, (torch.float32,))
+
+
+def _gpu_matches_reference(gpu_backend, shape, dim, dtypes):
     d = dim % len(shape)
-    for dtype in DTYPES:
+    for dtype in dtypes:
         x = _logits(shape, dtype)
         xc = x.cuda()
         with vk.use_backend(gpu_backend):
@@ -435,13 +452,38 @@ def test_gpu_matches_reference(gpu_backend, shape, dim):
             hard = vk.gumbel_softmax(xc, tau=0.5, hard=True, dim=dim, seed=77).cpu()
             idx = vk.gumbel_argmax(xc, dim=dim, seed=77).cpu()
             kl = vk.categorical_kl_uniform(xc, dim=dim).cpu()
-            xr = xc.clone().requires_grad_(True)
-            (gx,) = torch.autograd.grad(vk.gumbel_softmax(xr, tau=0.5, hard=True, dim=dim, seed=77), xr, torch.ones_like(xr))
+            dy = _logits(shape, dtype, scale=1.0, seed=1)
+            grads = {}
+            for hard_bwd in (False, True):
+                xr = xc.clone().requires_grad_(True)
+                (grads[hard_bwd],) = torch.autograd.grad(vk.gumbel_softmax(xr, tau=0.5, hard=hard_bwd, dim=dim, seed=77),
+                                                         xr, dy.cuda())
         torch.testing.assert_close(soft.double(), ref.gumbel_softmax_forward(x, 77, 0.5, False, d).double(),
                                    atol=SOFT_ATOL[dtype], rtol=1e-3)
         assert torch.equal(hard, ref.gumbel_softmax_forward(x, 77, 0.5, True, d)), (gpu_backend, dtype, shape)
         assert torch.equal(idx, ref.gumbel_argmax(x, 77, d))
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(kl.double(), ref.categorical_kl_uniform_forward(x, d).double(), atol=tol, rtol=tol)
-        torch.testing.assert_close(gx.cpu().double(), ref.gumbel_softmax_backward(torch.ones_like(x), x, 77, 0.5, True, d).double(),
-                                   atol=tol, rtol=tol)
+        for hard_bwd, gx in grads.items():
+            saved = x if hard_bwd else soft  # the soft backward takes the sample this backend produced
+            torch.testing.assert_close(gx.cpu().double(),
+                                       ref.gumbel_softmax_backward(dy, saved, 77, 0.5, hard_bwd, d).double(),
+                                       atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+def test_gpu_misaligned_views_and_same_bits_across_gpu_backends(gpu_backend):
+    """A logits view whose data pointer is not 4-element aligned (storage offset 1) gives the reference's
+    samples; argmax and hard samples are the same bits on every backend."""
+    base = _logits((4 * 300 * 8 + 1,), torch.float32).cuda()
+    for shape, dim in (((4, 300, 8), 1), ((8, 300), -1)):
+        x = base[1:1 + math.prod(shape)].view(shape)
+        with vk.use_backend(gpu_backend):
+            hard = vk.gumbel_softmax(x, tau=0.5, hard=True, dim=dim, seed=2**32 + 3).cpu()
+            soft = vk.gumbel_softmax(x, tau=0.5, dim=dim, seed=2**32 + 3).cpu()
+            idx = vk.gumbel_argmax(x, dim=dim, seed=2**32 + 3).cpu()
+        d = dim % len(shape)
+        xc = x.cpu()
+        assert torch.equal(hard, ref.gumbel_softmax_forward(xc, 2**32 + 3, 0.5, True, d))
+        assert torch.equal(idx, ref.gumbel_argmax(xc, 2**32 + 3, d))
+        torch.testing.assert_close(soft, ref.gumbel_softmax_forward(xc, 2**32 + 3, 0.5, False, d), atol=2e-6, rtol=1e-5)

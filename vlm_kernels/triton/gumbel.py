@@ -56,13 +56,16 @@ TILE = 2048
 LOOP_TILE = 4096
 # Inner positions per program on the looped column path (128 bytes of fp32: one full line).
 LOOP_COLS = 32
-# Elements each thread holds on a Gumbel tile (offline sm_90 compiles, Triton 3.8): 32 keeps every kernel
-# at <= 128 registers without spills. The single-pass column strip (4 columns x up to 8192 categories,
-# one program per SM) takes 64: its reductions run per column across all the program's threads, and at
-# 32 per thread they cost 2.5 shuffles and combines per element (62 vs 57 instructions per element,
-# 64 vs 128 registers, no spills either way).
+# Elements each thread holds on a Gumbel tile (offline sm_90 compiles, Triton 3.8, no spills at any of
+# them): 32 in general. The single-pass column strip (4 columns x up to 8192 categories, one program per
+# SM) takes 64: its reductions run per column across all the program's threads, and at 32 per thread they
+# cost 2.5 shuffles and combines per element (62 vs 57 instructions per element, 64 vs 128 registers).
+# 16 where a thread's noise chains are longer: one Philox call per element (unaligned layouts, whose
+# tiles also stop at UNALIGNED_TILE elements) or noise next to a second input (the hard backward).
 ELEMENTS_PER_THREAD = 32
 STRIP_ELEMENTS_PER_THREAD = 64
+NARROW_ELEMENTS_PER_THREAD = 16
+UNALIGNED_TILE = 8192
 
 _BIG = tl.constexpr(2147483647)  # larger than any index along K
 _NOISE_LAUNCH = {"enable_fp_fusion": False}
@@ -496,6 +499,8 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     limit = max(4, _pow2_floor(max_tile or MAX_TILE // inputs))
     if stream:
         limit = min(limit, LOOP_TILE)
+    if noise and not align4:
+        limit = min(limit, UNALIGNED_TILE)
     bk = triton.next_power_of_2(K)
     if last_dim:  # tile [BR rows, BC categories]
         single = bk <= limit
@@ -521,9 +526,14 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     if K >= 2**31 - max(br, bc):
         raise ValueError(f"size {K} of dim {dim} is too large for the Triton Gumbel kernels")
     rel32 = br * (K if last_dim else inner) + bc < 2**31  # offsets within a chunk fit int32
-    strip = single and not last_dim and inputs == 1 and br * bc > LOOP_TILE
+    if noise and (not align4 or inputs > 1):
+        per_thread = NARROW_ELEMENTS_PER_THREAD
+    elif single and not last_dim and inputs == 1 and br * bc > LOOP_TILE:  # the column strip
+        per_thread = STRIP_ELEMENTS_PER_THREAD
+    else:
+        per_thread = ELEMENTS_PER_THREAD
     meta = dict(BR=br, BC=bc, LAST_DIM=last_dim, ALIGN4=align4, REL32=rel32, MASKED=masked,
-                num_warps=_num_warps(br * bc, STRIP_ELEMENTS_PER_THREAD if strip else ELEMENTS_PER_THREAD))
+                num_warps=_num_warps(br * bc, per_thread))
     return (n_programs,), (outer if last_dim else 1, K, inner, n_c_tiles), single, meta
 
 
