@@ -10,7 +10,8 @@
 //        outer slice, one step per k: the lanes are the columns, so nothing is transposed and no
 //        horizontal reduction is needed.
 //    The noise is generated in registers, 4 vectors at a time (interleaved: one chain alone is
-//    latency-bound), bit-identical to vlm::gumbel_noise. The soft sample writes z = logits + noise into
+//    latency-bound), bit-identical to vlm::gumbel_noise: one Philox call gives the 4 words of an aligned
+//    group of 4 offsets, 8 calls per vector op, and the log is built from fmas. The soft sample writes z = logits + noise into
 //    a float workspace (the output row itself for a float32 row, else a per-thread buffer of K x 32
 //    floats at most), then exponentiates and normalises it, so the noise is generated once and the unit
 //    stays in cache. Hard samples and argmax need one pass; the backward of a hard sample regenerates

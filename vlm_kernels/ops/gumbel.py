@@ -6,10 +6,10 @@ Public functions:
 * :func:`gumbel_argmax` - Gumbel-max token sampling (int64 indices), one read of the logits.
 * :func:`categorical_kl_uniform` - KL(softmax(logits) || uniform) per row, with its gradient.
 
-Noise: element ``i`` (linear index in the contiguous logits) uses Philox4x32-10 at counter ``i`` under
-``seed``; the same seed gives the same noise on every backend (``csrc/common/philox.h``). Backward
-never stores noise: soft samples keep the output, hard samples regenerate the soft sample from the
-logits and the seed.
+Noise: element ``i`` (linear index in the contiguous logits) takes word ``i % 4`` of the Philox4x32-10 call
+at counter ``i // 4`` under ``seed`` (``tl.randint4x``'s words, ``tl.rand``'s uniform); the same seed gives
+the same noise on every backend (``csrc/common/philox.h``). Backward never stores noise: soft samples keep
+the output, hard samples regenerate the soft sample from the logits and the seed.
 """
 
 from __future__ import annotations
