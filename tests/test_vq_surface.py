@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import vlm_kernels as vk
 from vlm_kernels.nn import GroupedResidualVQ, ResidualVQ, VectorQuantizer, to_vector_quantize_state_dict
 from vlm_kernels.nn.vq import _UNSUPPORTED
 
@@ -227,7 +226,8 @@ def test_vector_quantize_layouts_parity(name):
     q_t, idx_t, loss_t = theirs(x)
     assert torch.equal(idx, idx_t)
     torch.testing.assert_close(q, q_t)
-    assert float(loss_t.detach()) == 0.0 and float(loss.detach()) > 0  # theirs returns 0 in eval; ours the commitment term
+    # Theirs returns 0 in eval; ours the commitment term.
+    assert float(loss_t.detach()) == 0.0 and float(loss.detach()) > 0
     torch.testing.assert_close(ours.get_output_from_indices(idx), q, rtol=1e-5, atol=1e-6)
 
 
@@ -393,7 +393,8 @@ def test_same_seed_same_initial_weights():
     peer = vqp()
     for make_ours, make_theirs in [
         (lambda: VectorQuantizer(16, 32, codebook_dim=8, heads=2, separate_codebook_per_head=True),
-         lambda: peer.VectorQuantize(dim=16, codebook_size=32, codebook_dim=8, heads=2, separate_codebook_per_head=True)),
+         lambda: peer.VectorQuantize(dim=16, codebook_size=32, codebook_dim=8, heads=2,
+                                     separate_codebook_per_head=True)),
         (lambda: ResidualVQ(dim=16, num_quantizers=3, codebook_size=32, codebook_dim=8),
          lambda: peer.ResidualVQ(dim=16, num_quantizers=3, codebook_size=32, codebook_dim=8)),
     ]:
@@ -592,10 +593,12 @@ def test_other_errors():
     with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 5\)"):
         vq(torch.randn(2, 5, 16), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask / lens need sequences"):
-        VectorQuantizer(16, 32, accept_image_fmap=True)(torch.randn(1, 16, 2, 2), mask=torch.ones(1, 4, dtype=torch.bool))
+        VectorQuantizer(16, 32, accept_image_fmap=True)(torch.randn(1, 16, 2, 2),
+                                                         mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"size 16 along the last dim, got shape \(2, 5, 15\)"):
         ResidualVQ(dim=16, num_quantizers=2, codebook_size=8)(torch.randn(2, 5, 15))
     with pytest.raises(ValueError, match="indices"):
         ResidualVQ(dim=16, num_quantizers=2, codebook_size=8)(torch.randn(2, 5, 16), indices=torch.zeros(2, 5, 2))
     with pytest.raises(ValueError, match="quantize_dropout"):
-        ResidualVQ(dim=16, num_quantizers=3, codebook_size=8).get_codes_from_indices(torch.zeros(2, 5, 2, dtype=torch.long))
+        ResidualVQ(dim=16, num_quantizers=3, codebook_size=8).get_codes_from_indices(
+            torch.zeros(2, 5, 2, dtype=torch.long))

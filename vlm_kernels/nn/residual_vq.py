@@ -100,7 +100,8 @@ class ResidualVQ(nn.Module):
         if quantize_dropout_cutoff_index < 0 or quantize_dropout_cutoff_index >= len(sizes) and quantize_dropout:
             raise ValueError(f"{owner}: quantize_dropout_cutoff_index must lie in [0, {len(sizes)}), got "
                              f"{quantize_dropout_cutoff_index!r}")
-        quantize_dropout_multiple_of = _positive_int(owner, "quantize_dropout_multiple_of", quantize_dropout_multiple_of)
+        quantize_dropout_multiple_of = _positive_int(owner, "quantize_dropout_multiple_of",
+                                                     quantize_dropout_multiple_of)
         if not 0.0 <= float(quant_grad_frac) <= 1.0:
             raise ValueError(f"{owner}: quant_grad_frac must lie in [0, 1], got {quant_grad_frac!r}")
         if shared_codebook and len(set(sizes)) != 1:

@@ -14,7 +14,10 @@ What is different, on purpose:
 * ``decay=None`` (not in ``VectorQuantize``) is a codebook learned by the VQ-VAE codebook loss
   ``|sg(x) - e|^2`` next to the commitment loss (van den Oord et al. 2017, eq. 3).
 * in eval mode the loss holds the commitment term (``VectorQuantize`` returns 0 there).
-* random draws (dead-code samples, Gumbel noise) come from other random streams than theirs.
+* random draws (dead-code samples, Gumbel noise) come from other random streams than theirs (k-means
+  samples and quantizer-dropout draws are theirs: one seed gives the same ones).
+* fp16/bf16 inputs are looked up against the codebook rounded to their dtype (VectorQuantize upcasts
+  the input to float32).
 * with ``mask``, the commitment loss is taken in codebook space (after ``project_in``, heads and
   normalisation) as without a mask; ``get_codes_from_indices`` / ``get_output_from_indices`` are
   consistent with ``forward`` also for shared multi-head codebooks and projected feature maps.
@@ -357,7 +360,9 @@ class VectorQuantizer(nn.Module):
     def codebook(self) -> Tensor:
         """The codes the lookup uses: (K, codebook_dim), or (heads, K, codebook_dim) with separate codebooks
         (normalised for a learned cosine codebook)."""
-        return F.normalize(self.embed, dim=-1, eps=NORM_EPS) if self.use_cosine_sim and self.decay is None else self.embed
+        if self.use_cosine_sim and self.decay is None:
+            return F.normalize(self.embed, dim=-1, eps=NORM_EPS)
+        return self.embed
 
     @codebook.setter
     def codebook(self, codes: Tensor) -> None:
@@ -374,7 +379,8 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
-                f"heads={self.heads}, separate_codebook_per_head={self.separate_codebook_per_head}, decay={self.decay}, "
+                f"heads={self.heads}, separate_codebook_per_head={self.separate_codebook_per_head}, "
+                f"decay={self.decay}, "
                 f"commitment_weight={self.commitment_weight}, use_cosine_sim={self.use_cosine_sim}, "
                 f"threshold_ema_dead_code={self.threshold_ema_dead_code}, rotation_trick={self.rotation_trick}, "
                 f"ema_update={self.ema_update}, learnable_codebook={self.learnable_codebook}")
@@ -631,7 +637,9 @@ class VectorQuantizer(nn.Module):
         if not stochastic and not dot_product and estimator != "rotation":
             quantized, indices, loss = vq_quantize(x, codebook, beta=beta, dim=dim, codebook_weight=codebook_weight)
         else:
-            given = self._pick_codes(x, codebook, dim, temp if stochastic else 0.0) if stochastic or dot_product else None
+            given = None
+            if stochastic or dot_product:
+                given = self._pick_codes(x, codebook, dim, temp if stochastic else 0.0)
             quantized, indices, loss = _Quantize.apply(x, codebook, given, dim, beta, codebook_weight, estimator)
         factor = beta + codebook_weight
         if halve:  # the value w * mse, the gradients unchanged
@@ -754,7 +762,8 @@ class VectorQuantizer(nn.Module):
             raise TypeError(f"VectorQuantizer: indices must be an integer tensor, got {got}")
         indices = indices.long()
         if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
-            raise ValueError(f"VectorQuantizer: indices must end in a heads dim of {self.heads}, got {describe(indices)}")
+            raise ValueError(f"VectorQuantizer: indices must end in a heads dim of {self.heads}, "
+                             f"got {describe(indices)}")
         codebook = self._per_codebook(self.codebook)
         dropped = indices < 0
         safe = indices.clamp_min(0)
