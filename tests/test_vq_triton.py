@@ -465,3 +465,37 @@ def test_cuda_code_stats(dtype, shape, dim, k):
     rcounts, rsums = ref.vq_code_stats(x, idx, k, dim % x.dim())
     assert torch.equal(counts, rcounts)
     torch.testing.assert_close(sums, rsums, rtol=1e-5, atol=1e-5 * math.sqrt(idx.numel()))
+
+
+def test_prepared_codebook_is_reused_only_while_unchanged():
+    """The launcher's codebook set-up is cached per tensor and version: a second lookup reuses it, an
+    in-place change (an EMA update) or another tensor re-prepares, and the answers stay exact."""
+    import vlm_kernels as vk
+
+    device = "cpu" if not _REASON else "cuda"
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 16, generator=g).to(device)
+    e = torch.randn(40, 16, generator=g).to(device)
+    calls = []
+    original = tvq._prepare_codebook
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    tvq._PREPARED.clear()
+    tvq._prepare_codebook = counting
+    try:
+        with vk.use_backend("triton"):
+            for _ in range(2):
+                assert torch.equal(vk.vq_nearest(x, e)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 1
+            e.mul_(-1.0)  # in place: the version counter moves
+            assert torch.equal(vk.vq_nearest(x, e)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 2
+            e2 = e.clone()
+            assert torch.equal(vk.vq_nearest(x, e2)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 3
+    finally:
+        tvq._prepare_codebook = original
+        tvq._PREPARED.clear()

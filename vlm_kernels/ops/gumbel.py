@@ -28,6 +28,7 @@ from ._common import (
     check_positive_finite,
     compiled_kernel,
     contiguous,
+    eager_fast_path,
     first_tensor_reason,
     gpu_dtype_reason,
     normalize_dim,
@@ -250,8 +251,10 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, dim: in
     """
     dim = _check_logits("gumbel_softmax", logits, dim)
     tau = check_positive_finite("gumbel_softmax", "tau", tau)
-    return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed_tensor("gumbel_softmax", seed), tau,
-                                                        bool(hard), dim)
+    seed = seed_tensor("gumbel_softmax", seed)
+    if eager_fast_path(logits):  # the op's own result, without its ~15 us of dispatch
+        return _run("softmax_forward", contiguous(logits), int(seed.item()), tau, bool(hard), dim)
+    return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed, tau, bool(hard), dim)
 
 
 def gumbel_argmax(logits: Tensor, dim: int = -1, *, seed: SeedLike = None) -> Tensor:
@@ -262,7 +265,10 @@ def gumbel_argmax(logits: Tensor, dim: int = -1, *, seed: SeedLike = None) -> Te
     the index of its first NaN (torch.argmax's convention).
     """
     dim = _check_logits("gumbel_argmax", logits, dim)
-    return torch.ops.vlm_kernels.gumbel_argmax(logits, seed_tensor("gumbel_argmax", seed), dim)
+    seed = seed_tensor("gumbel_argmax", seed)
+    if eager_fast_path(logits):
+        return _run("argmax", contiguous(logits), int(seed.item()), dim)
+    return torch.ops.vlm_kernels.gumbel_argmax(logits, seed, dim)
 
 
 def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
@@ -272,6 +278,8 @@ def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
     Differentiable.
     """
     dim = _check_logits("categorical_kl_uniform", logits, dim)
+    if eager_fast_path(logits):
+        return _run("kl_forward", contiguous(logits), dim)
     return torch.ops.vlm_kernels.categorical_kl_uniform_forward(logits, dim)
 
 
