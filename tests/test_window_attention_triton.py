@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vlm_kernels as vk
 from vlm_kernels.ops import window_attention as wa_ops
@@ -187,37 +188,50 @@ def test_float32_dots_follow_torch_tf32_switch(kernels):
         torch.set_float32_matmul_precision(precision)
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_gradients_bounded_by_torch_own_error(dtype):
+def test_low_precision_gradients_bounded_by_torch_own_error(dtype, version):
     """fp16/bf16 forward and gradients against float64, at most ~2x the error of the same math done by
-    autograd at that precision (timm's eager block in that dtype)."""
+    autograd at that precision (timm's eager block in that dtype); v2: the cosine logits with the
+    clamped logit scale and the dense bias, and their gradients. The error of exact (float64) math on the
+    rounded inputs is a floor no kernel can beat: the logit-scale gradient, one cancelling sum per head,
+    has eager's own error below it at times (seen: bf16, eager 1.2%, float64 math on the bf16 inputs
+    1.5%, this kernel 2.5%, about one bf16 ulp of the result)."""
     heads, d, window, shift = 3, 16, (7, 7), (3, 3)
-    exact_in = _map_inputs(torch.float64, heads=heads, d=d)
-    qkv, table, pad = exact_in[0], exact_in[1], exact_in[3]
+    qkv, table, dense, pad, ls = _map_inputs(torch.float64, heads=heads, d=d)
+    exact_in = (qkv, table, pad) if version == 1 else (qkv, dense, pad, ls)
 
-    def torch_own(a, b, c):  # unfused, every step in a's dtype
+    def torch_own(a, b, c, *e):  # unfused, every step in a's dtype
         h, w = a.shape[1], a.shape[2]
         q, k, v, hp, wp = ref.windows_qkv(a, c, heads, window, shift)
-        s = (q * d ** -0.5) @ k.transpose(-2, -1) + ref.dense_bias(b, window, heads)
+        if version == 1:
+            s = (q * d ** -0.5) @ k.transpose(-2, -1)
+        else:
+            s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * ref.logit_multiplier(e[0])
+        s = s + ref.dense_bias(b, window, heads)
         s = s.view(a.shape[0], -1, heads, 49, 49) + ref.shift_mask(hp, wp, window, shift, a.device, a.dtype)[None, :, None]
         o = torch.softmax(s.view(-1, heads, 49, 49), -1) @ v
         return ref.heads_to_map(o, window, h, w, hp, wp, shift)
 
-    def fused(a, b, c):
-        return window_attention(a, num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias=b, pad_qkv=c)
+    def fused(a, b, c, *e):
+        return window_attention(a, num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias=b, pad_qkv=c,
+                                logit_scale=e[0] if e else None)
 
-    y_exact, g_exact = _grads(torch_own, (qkv, table, pad))
-    low = [t.to(dtype) for t in (qkv, table, pad)]
+    y_exact, g_exact = _grads(torch_own, exact_in)
+    low = [t.to(dtype) for t in exact_in]
     y_torch, g_torch = _grads(torch_own, low)
+    y_rounded, g_rounded = _grads(torch_own, [t.double() for t in low])
     with vk.use_backend("triton"):
         y_ours, g_ours = _grads(fused, low)
     assert y_ours.dtype == dtype and all(g.dtype == dtype for g in g_ours)
-    for name, ours, theirs, exact in zip(("out", "qkv", "table", "pad"), (y_ours,) + g_ours, (y_torch,) + g_torch,
-                                         (y_exact,) + g_exact):
+    names = ("out", "qkv", "bias", "pad", "logit_scale")
+    for name, ours, theirs, rounded, exact in zip(names, (y_ours,) + g_ours, (y_torch,) + g_torch,
+                                                  (y_rounded,) + g_rounded, (y_exact,) + g_exact):
         scale = exact.abs().max().item()
         our_err = (ours.double() - exact).abs().max().item() / scale
         torch_err = (theirs.double() - exact).abs().max().item() / scale
-        assert our_err <= 2 * torch_err + 1e-4, (name, dtype, our_err, torch_err)
+        floor = (rounded - exact).abs().max().item() / scale
+        assert our_err <= 2 * max(torch_err, floor) + 1e-4, (name, dtype, our_err, torch_err, floor)
 
 
 def test_float64_falls_back_or_says_why():

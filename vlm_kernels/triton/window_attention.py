@@ -143,7 +143,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     return configs
 
 
-_TUNE_KEY = ["N", "d", "heads", "COSINE", "HAS_PAD", "ONE_KIND", "DOT_PREC"]
+_TUNE_KEY = ["N", "d", "heads", "COSINE", "HAS_PAD", "DOT_PREC"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +219,18 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot_split(a, a_op, b, DOT_PREC: tl.constexpr):
+    """a @ b for fp32 ``a`` whose operand ``a_op`` was rounded to 16 bits: the rounding error goes through
+    a second dot, so that the product is accurate to ~2^-16 of |a| |b|. v2's logit-scale gradient sums
+    ds * cos over every pair, terms of both signs whose rows cancel: ds rounded to 16 bits once would
+    leave errors several times those of timm's eager math."""
+    c = _dot(a_op, b, DOT_PREC)
+    if a_op.dtype != tl.float32:
+        c += _dot((a - a_op.to(tl.float32)).to(a_op.dtype), b, DOT_PREC)
+    return c
+
+
+@triton.jit
 def _row_norm(x):
     """(|x|, max(|x|, eps)) per row, in fp32."""
     xf = x.to(tl.float32)
@@ -238,14 +250,10 @@ def _cos_operand(x, den, COSINE: tl.constexpr):
 
 
 @triton.jit
-def _normalize_bwd(x, g, norm, den):
-    """Gradient of ``x / max(|x|, eps)`` per row given the gradient ``g`` of the normalised rows."""
-    return _normalize_bwd_y(x.to(tl.float32) / den[:, None], g, norm, den)
-
-
-@triton.jit
 def _normalize_bwd_y(y, g, norm, den):
-    """_normalize_bwd given the normalised rows ``y = x / max(|x|, eps)`` (fp32)."""
+    """Gradient of ``x / max(|x|, eps)`` per row given the gradient ``g`` of the normalised rows and the
+    normalised rows ``y`` themselves (the dots' operands: for 16-bit inputs rounded to 16 bits, as the
+    eager F.normalize output that timm differentiates is)."""
     yg = tl.where(norm >= _EPS, tl.sum(y * g, axis=1), 0.0)
     return (g - yg[:, None] * y) / den[:, None]
 
@@ -316,7 +324,8 @@ def _bias_mask_kernel(bias_ptr, mask_ptr, bm_ptr, heads, n_kinds, N, cut_y, cut_
 # Forward, windows of one tile: several windows of one head per program.
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_dot})
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY + ["ONE_KIND"],
+                 prune_configs_by={"early_config_prune": _prune_by_dot})
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, scale,
                 n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
@@ -377,7 +386,7 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
                       n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
                       in_stride, in_head, k_off, v_off, out_stride, out_head,
                       MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      ONE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     head = pid % heads
@@ -394,8 +403,6 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
     t = _logit_multiplier(ls_ptr, head, COSINE)
     bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
     tile = idx[:, None] * BLOCK + idx[None, :]
-    if ONE_KIND:
-        bm = tl.load(bm_head + tile)
     dbias_acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     dt_acc = tl.zeros([BLOCK], tl.float32)
     dpq_acc = tl.zeros([BLOCK_D], tl.float32)
@@ -404,8 +411,9 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
     for w in range(w_start, w_end):
         b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
         row, real = _token_rows(w, b, wy, wx, head, ty, tx, idx, valid, H, W, shy, shx, heads, N, MH, MW, MAP)
-        if not ONE_KIND:
-            bm = tl.load(bm_head + kind * (BLOCK * BLOCK) + tile)
+        # The tile read per window (an L1 hit), also with one kind: held across the loop it would take
+        # 32 registers per thread that the backward does not have.
+        bm = tl.load(bm_head + kind * (BLOCK * BLOCK) + tile)
         q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
@@ -422,16 +430,21 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
         e = tl.exp2(s2 - m[:, None])
         p = e * (1.0 / tl.sum(e, axis=1))[:, None]
         # Each gradient made and stored as soon as its inputs exist, so that few 64 x 64 tiles live at
-        # once (the order is ptxas's register count: with v2 on Triton 3.6 and 3.8, the only one found
-        # without spills at 4 warps): p rounded for the dv dot, ds and the bias-gradient sum, dv, dq, dk.
+        # once. The order is the one ptxas (Triton 3.6 and 3.8) compiles without spills: tensor cores,
+        # p rounded for the dv dot, then ds, dv; FMA dots, dv, then ds. Then dq and dk.
         in_offs = row * in_stride + in_col
         padded = (valid & ~real)[:, None]
-        p_op = p.to(do.dtype)
-        dp = _dot(do, tl.trans(v), DOT_PREC)
-        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        if DOT_PREC == "ieee":  # FMA dots: dv first, p's last use before ds
+            dv = _dot(tl.trans(p), do, DOT_PREC)
+            dp = _dot(do, tl.trans(v), DOT_PREC)
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        else:
+            p_op = p.to(do.dtype)
+            dp = _dot(do, tl.trans(v), DOT_PREC)
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            dv = _dot(tl.trans(p_op), do, DOT_PREC)
         if HAS_BIAS:
             dbias_acc += ds
-        dv = _dot(tl.trans(p_op), do, DOT_PREC)
         tl.store((dv_ptr + (in_offs + v_off))[:, None] + dcol[None, :], dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
         if HAS_PAD:
             dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
@@ -440,8 +453,8 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
             # g = ds @ normalize(k): the gradient of the normalised q rows is t * g, and
             # sum_j ds_ij cos_ij = normalize(q)_i . g_i is the logit-scale gradient's row term (so no
             # cos tile stays live through dp and ds).
-            g = _dot(ds_op, ko, DOT_PREC)
-            qn = q.to(tl.float32) / q_den[:, None]
+            g = _dot_split(ds, ds_op, ko, DOT_PREC)
+            qn = qo.to(tl.float32)
             dt_acc += tl.sum(qn * g, axis=1)
             dq = _normalize_bwd_y(qn, g * t, q_norm, q_den)
         else:
@@ -450,7 +463,7 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
         if HAS_PAD:
             dpq_acc += tl.sum(tl.where(padded, dq, 0.0), axis=0)
         if COSINE:
-            dk = _normalize_bwd(k, _dot(tl.trans(ds_op), qo, DOT_PREC) * t, k_norm, k_den)
+            dk = _normalize_bwd_y(ko.to(tl.float32), _dot(tl.trans(ds_op), qo, DOT_PREC) * t, k_norm, k_den)
         else:
             dk = _dot(tl.trans(ds_op), q, DOT_PREC) * scale
         tl.store((dk_ptr + (in_offs + k_off))[:, None] + dcol[None, :], dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
@@ -597,16 +610,18 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         p = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dsum[:, None])
-        g += _dot(ds.to(ko.dtype), ko, DOT_PREC)
+        if COSINE:
+            g += _dot_split(ds, ds.to(ko.dtype), ko, DOT_PREC)
+        else:
+            g += _dot(ds.to(ko.dtype), ko, DOT_PREC)
         if HAS_BIAS:
             pair = q_valid[:, None] & k_valid[None, :]
             tl.atomic_add((dbias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), ds, mask=pair,
                           sem="relaxed")
     if COSINE:
         # g = ds @ normalize(k) over the key blocks: the logit-scale gradient's rows are
-        # normalize(q)_i . g_i (no cos tile kept through the sweep); q read again rather than kept.
-        q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-        qn = q.to(tl.float32) / q_den[:, None]
+        # normalize(q)_i . g_i (no cos tile kept through the sweep).
+        qn = qo.to(tl.float32)
         tl.atomic_add(dt_ptr + head, tl.sum(tl.sum(qn * g, axis=1), axis=0), sem="relaxed")
         dq = _normalize_bwd_y(qn, g * t, q_norm, q_den)
     else:
@@ -665,8 +680,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
         gk += _dot(tl.trans(ds.to(qo.dtype)), qo, DOT_PREC)
     if COSINE:
-        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        dk = _normalize_bwd(k, gk * t, k_norm, k_den)
+        dk = _normalize_bwd_y(ko.to(tl.float32), gk * t, k_norm, k_den)
     else:
         dk = gk * scale
     io_mask = k_real[:, None] & dmask[None, :]
@@ -706,7 +720,7 @@ def _tiled_blocks(d: int, prec: str) -> dict:
     registers on sm_90 (compiled offline; no spills at head dims 32, 64 and 128, v1 and v2, forward and
     backward, bf16/fp16, TF32 and IEEE fp32). Tensor-core dots: 64 x 64 blocks on one warpgroup up to
     d = 32, 32 x 32 (TF32 at d = 128: 32 x 16) on 8 warps beyond. IEEE fp32 dots run on the FMA units
-    with both operands in registers: 64 x 32 up to d = 32, 16 x 16 beyond."""
+    with both operands in registers: 64 x 32 on 8 warps up to d = 32, 16 x 16 on 4 warps beyond."""
     block_d = max(16, triton.next_power_of_2(d))
     # Under the interpreter registers do not matter and small blocks only multiply the (slow, Python)
     # program count: the blocks of d <= 32, the same kernels, at any d.
@@ -719,7 +733,7 @@ def _tiled_blocks(d: int, prec: str) -> dict:
     elif small_d:
         bm, bn, warps = TILE, TILE // 2, 8
     else:
-        bm, bn, warps = TILE // 4, TILE // 4, 8
+        bm, bn, warps = TILE // 4, TILE // 4, 4
     return dict(BLOCK_M=max(16, bm), BLOCK_N=max(16, bn), BLOCK_D=block_d, num_warps=warps, num_stages=1)
 
 
@@ -845,7 +859,7 @@ def _backward(q, k, v, pad, bias, mask, logit_scale, do, lse, dq, dk, dv, scale,
         grid = (triton.cdiv(n_windows, per_program) * geo.heads,)
         _bwd_fused_kernel[grid](*inputs, dq, dk, dv, _or(dbias, dummy), _or(dpad, dummy), _or(dt, dummy),
                                 float(scale), n_windows, per_program, *geo.window_scalars, *geo.strides, **flags,
-                                ONE_KIND=geo.n_kinds == 1, HAS_BIAS=bias is not None, BLOCK=npad,
+                                HAS_BIAS=bias is not None, BLOCK=npad,
                                 BLOCK_D=max(16, triton.next_power_of_2(geo.d)))
     else:
         cfg = _tiled_blocks(geo.d, prec)
