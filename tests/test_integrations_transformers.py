@@ -128,7 +128,7 @@ def _run(model, x, grad_seed=3, seed=None, **kwargs):
     if seed is not None:
         torch.manual_seed(seed)
     y = model(x, **kwargs).last_hidden_state
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.device, y.dtype)
     y.backward(g)
     return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -305,6 +305,23 @@ def test_output_attentions_runs_transformers_forward(name, attn, spy, fresh_warn
     assert _rel(plain.last_hidden_state, expected.last_hidden_state) <= RTOL
 
 
+@pytest.mark.parametrize("kind", ["swin", "donut", "swinv2"])
+def test_output_hidden_states_take_the_fused_path(kind, spy):
+    model = _small(kind)
+    ref = copy.deepcopy(model)
+    vk_hf.patch(model)
+    x = torch.randn(2, 3, 64, 72)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        got = model(x, output_hidden_states=True)
+        expected = ref(x, output_hidden_states=True)
+    assert spy.calls == _num_layers(model)
+    for name in ("hidden_states", "reshaped_hidden_states"):
+        assert len(getattr(got, name)) == len(getattr(expected, name))
+        for a, b in zip(getattr(got, name), getattr(expected, name)):
+            assert _rel(a, b) <= RTOL
+
+
 def _small(kind: str):
     kw = dict(image_size=64, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4)
     if kind == "swin":
@@ -476,3 +493,36 @@ def test_vision_encoder_decoder_with_donut_encoder(spy):
     with torch.no_grad():
         kw = dict(max_new_tokens=5, do_sample=False, decoder_start_token_id=0)
         assert torch.equal(model.generate(pixels, **kw), ref.generate(pixels, **kw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# On a CUDA device (benchmarks/gpu_check.sh runs these)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["donut-220x180", "swin-t-sdpa", "swinv2-t-64"])
+def test_parity_on_cuda(name, spy):
+    model, (h, w), batch = _build(name)
+    model = model.cuda()
+    ref = copy.deepcopy(model)
+    vk_hf.patch(model)
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the patch embedding in full fp32
+        _assert_parity(ref, model, x)
+    assert spy.calls == _num_layers(model)
+
+
+@pytest.mark.cuda
+def test_bfloat16_on_cuda(spy):
+    model, (h, w), batch = _build("donut-220x180")
+    model = model.cuda()
+    ref64 = copy.deepcopy(model).double()
+    ref16 = copy.deepcopy(model).to(torch.bfloat16)
+    ours = vk_hf.patch(model.to(torch.bfloat16))
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        truth = ref64(x.double()).last_hidden_state
+        theirs = ref16(x.to(torch.bfloat16)).last_hidden_state
+        mine = ours(x.to(torch.bfloat16)).last_hidden_state
+    assert _rel(mine, truth) <= 2 * _rel(theirs, truth)
+    assert spy.calls == _num_layers(model)
