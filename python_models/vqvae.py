@@ -107,7 +107,8 @@ class VQVAE(nn.Module):
                                          commitment_weight=c.commitment_weight,
                                          threshold_ema_dead_code=c.threshold_ema_dead_code,
                                          kmeans_init=c.kmeans_init, kmeans_iters=c.kmeans_iters,
-                                         accept_image_fmap=True)
+                                         accept_image_fmap=True,
+                                         rotation_trick=False)  # the paper's straight-through copy
         self.decoder = _decoder(c)
 
     @property
