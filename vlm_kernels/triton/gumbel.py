@@ -21,11 +21,18 @@ word (``gumbel_noise``): 4x the Philox work, the same bits.
 
 Passes. ``SINGLE``: the whole reduction fits one tile (``next_power_of_2(K) x`` the narrowest tile
 ``<= MAX_TILE`` elements, half that for the two-input backward): the logits are read once, the noise is
-made once, both stay in registers, and the output is written once. Long columns (dim != -1, e.g.
-K = 8192 over dim 1 of NCHW) take a strip of 4 neighbouring columns (16-byte rows, one Philox call per
-row of the strip). Otherwise a loop over the reduction axis in chunks: a pass with an online softmax
-(running max + rescaled sum) or a running argmax, then a pass that re-reads the logits, regenerates
-the noise and writes (a hard sample's second pass only writes: the one-hot needs no logits).
+made once, both stay in registers, and the output is written once. A single-pass column tile must span
+at least ``MIN_STRIP_COLS`` (16) contiguous inner positions, 64 bytes of fp32 per row, or the whole row:
+long columns (K = 8192 over dim 1 of NCHW) no longer take a strip of 4 columns (16 bytes from each of
+8192 rows 4 KiB apart, less than a DRAM burst, which the H200 measured at 26% of copy bandwidth).
+Otherwise a loop over the reduction axis in chunks of ``LOOP_TILE`` elements, ``LOOP_COLS`` (64) inner
+positions wide on the column layout (256 contiguous bytes per row): a pass with an online softmax
+(running max + rescaled sum) or a running argmax, then a pass that re-reads the logits, regenerates the
+noise and writes (a hard sample's second pass only writes: the one-hot needs no logits). The soft
+forward then moves 12 bytes per element (logits twice, output once) and makes the noise twice; the hard
+forward and argmax stay at 8 and 4. Each loop loads chunk k + 1 before it works on chunk k (register
+double buffering, ``_chunk_load``). Rows that fit one tile are read once for the hard sample and argmax
+too (no streamed chunks).
 
 NaN: a NaN in z makes the softmax sum NaN, so the whole line comes out NaN without a separate test;
 the argmax takes a NaN-propagating max per chunk and looks for the first NaN only in tiles that hold
@@ -54,17 +61,25 @@ MAX_BLOCK = 16384
 TILE = 2048
 # Elements per chunk on the looped path.
 LOOP_TILE = 4096
-# Inner positions per program on the looped column path (128 bytes of fp32: one full line).
-LOOP_COLS = 32
+# Inner positions per program on the looped column path (256 bytes of fp32: two full 128-byte lines, four
+# 64-byte DRAM bursts, per row of a chunk).
+LOOP_COLS = 64
+# Fewest contiguous inner positions a single-pass column tile may span (64 bytes of fp32: one DRAM burst);
+# a column reduction too long for that takes the looped path.
+MIN_STRIP_COLS = 16
 # Elements each thread holds on a Gumbel tile (offline sm_90 compiles, Triton 3.8, no spills at any of
 # them): 32 in general. The single-pass column strip (4 columns x up to 8192 categories, one program per
 # SM) takes 64: its reductions run per column across all the program's threads, and at 32 per thread they
 # cost 2.5 shuffles and combines per element (62 vs 57 instructions per element, 64 vs 128 registers).
 # 16 where a thread's noise chains are longer: one Philox call per element (unaligned layouts, whose
-# tiles also stop at UNALIGNED_TILE elements) or noise next to a second input (the hard backward).
+# tiles also stop at UNALIGNED_TILE elements) or noise next to a second input (the hard backward); 16 on the
+# looped column paths, which hold the prefetched chunk as well (8 warps per 4096-element chunk: 97-100
+# registers, 2 programs and 16 warps per SM; at 32 per thread, 4 warps and 155-165 registers, 3 programs
+# and 12 warps per SM, for 5-8% fewer instructions) and on the looped two-input backward (no spill there).
 ELEMENTS_PER_THREAD = 32
 STRIP_ELEMENTS_PER_THREAD = 64
 NARROW_ELEMENTS_PER_THREAD = 16
+LOOP_ELEMENTS_PER_THREAD = 16
 UNALIGNED_TILE = 8192
 
 _BIG = tl.constexpr(2147483647)  # larger than any index along K
@@ -163,6 +178,28 @@ def _chunk_start(k0, a0, c0, LAST_DIM: tl.constexpr):
 
 
 @triton.jit
+def _next_start(k0, K, STEP: tl.constexpr):
+    """Position of the chunk after k0, or k0 itself on the last trip: the prefetch of the last trip
+    reloads the current chunk (a cache hit, no mask to build) and its value is dropped."""
+    nk = k0 + STEP
+    return nk - STEP * (nk >= K).to(nk.dtype)
+
+
+@triton.jit
+def _chunk_load(ptr, o, k0, a0, c0, n_rows, K, inner, other, BR: tl.constexpr, BC: tl.constexpr,
+                LAST_DIM: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """The raw values (``other`` where masked) of the chunk at position k0 along the reduction axis.
+
+    The looped paths load chunk k + 1 at the top of trip k and use it on trip k + 1 (register double
+    buffering): every program keeps one chunk of loads in flight while it makes the noise of the last one,
+    so DRAM latency is covered by the program's own work, not only by the other programs on its SM.
+    """
+    a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+    base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+    return _load(ptr + base + rel, mask, other, MASKED)
+
+
+@triton.jit
 def _expand(v, RED: tl.constexpr):
     """A per-line (RED = 1) or per-column (RED = 0) vector as a broadcastable [BR, 1] / [1, BC] tile."""
     return tl.expand_dims(v, RED)
@@ -222,19 +259,27 @@ def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K
         N: tl.constexpr = BR if LAST_DIM else BC
         m = tl.full([N], float("-inf"), tl.float32)
         s = tl.zeros([N], tl.float32)
+        x = _chunk_load(x_ptr, o, 0, a0, c0, n_rows, K, inner, float("-inf"), BR, BC, LAST_DIM, REL32, MASKED)
         for k0 in range(0, K, STEP):
+            x_next = _chunk_load(x_ptr, o, _next_start(k0, K, STEP), a0, c0, n_rows, K, inner, float("-inf"),
+                                 BR, BC, LAST_DIM, REL32, MASKED)
             a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
             base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
-            z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+            z = x.to(tl.float32) + _tile_noise(seed_lo, seed_hi, base, stride, BR, BC, ALIGN4, REL32)
             m, s, e, alpha = _online_update(m, s, z, scale2, RED)
             s += tl.sum(e, axis=RED)
+            x = x_next
         r = 1.0 / s
+        x = _chunk_load(x_ptr, o, 0, a0, c0, n_rows, K, inner, float("-inf"), BR, BC, LAST_DIM, REL32, MASKED)
         for k0 in range(0, K, STEP):
+            x_next = _chunk_load(x_ptr, o, _next_start(k0, K, STEP), a0, c0, n_rows, K, inner, float("-inf"),
+                                 BR, BC, LAST_DIM, REL32, MASKED)
             a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
             base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
-            z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+            z = x.to(tl.float32) + _tile_noise(seed_lo, seed_hi, base, stride, BR, BC, ALIGN4, REL32)
             y = tl.exp2((z - _expand(m, RED)) * scale2) * _expand(r, RED)
             _store(y_ptr + base + rel, y, mask, MASKED)
+            x = x_next
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +288,8 @@ def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K
 
 @triton.jit
 def _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR: tl.constexpr, BC: tl.constexpr,
-                        LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+                        LAST_DIM: tl.constexpr, SINGLE: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                        MASKED: tl.constexpr):
     """argmax_k z per line (LAST_DIM) or column (first index on ties, first NaN wins) and whether z has NaN."""
     RED: tl.constexpr = 1 if LAST_DIM else 0
     STEP: tl.constexpr = BC if LAST_DIM else BR
@@ -251,24 +297,33 @@ def _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR
     best = tl.full([N], float("-inf"), tl.float32)
     best_idx = tl.zeros([N], tl.int32)  # index 0 is right when every z is -inf
     first_nan = tl.full([N], _BIG, tl.int32)
-    for k0 in range(0, K, STEP):
-        a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
-        base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+    if SINGLE:  # one chunk: nothing to prefetch
+        base, rel, mask, stride, kidx = _chunk(o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
         z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
         best, best_idx, first_nan = _argmax_update(z, kidx, best, best_idx, first_nan, RED)
+    else:
+        x = _chunk_load(x_ptr, o, 0, a0, c0, n_rows, K, inner, float("-inf"), BR, BC, LAST_DIM, REL32, MASKED)
+        for k0 in range(0, K, STEP):
+            x_next = _chunk_load(x_ptr, o, _next_start(k0, K, STEP), a0, c0, n_rows, K, inner, float("-inf"),
+                                 BR, BC, LAST_DIM, REL32, MASKED)
+            a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+            base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+            z = x.to(tl.float32) + _tile_noise(seed_lo, seed_hi, base, stride, BR, BC, ALIGN4, REL32)
+            best, best_idx, first_nan = _argmax_update(z, kidx, best, best_idx, first_nan, RED)
+            x = x_next
     has_nan = first_nan < _BIG
     return tl.where(has_nan, first_nan, best_idx), has_nan
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _gumbel_hard_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, n_rows, K, inner, n_c_tiles, BR: tl.constexpr,
-                            BC: tl.constexpr, LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                            BC: tl.constexpr, LAST_DIM: tl.constexpr, SINGLE: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
                             MASKED: tl.constexpr):
     RED: tl.constexpr = 1 if LAST_DIM else 0
     STEP: tl.constexpr = BC if LAST_DIM else BR
     o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
     idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
-                                       ALIGN4, REL32, MASKED)
+                                       SINGLE, ALIGN4, REL32, MASKED)
     one = _expand(tl.where(has_nan, float("nan"), 1.0), RED)
     zero = _expand(tl.where(has_nan, float("nan"), 0.0), RED)
     idx = _expand(idx, RED)
@@ -281,11 +336,11 @@ def _gumbel_hard_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, n_rows, K, inner, n_
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _gumbel_argmax_kernel(x_ptr, idx_ptr, seed_lo, seed_hi, n_rows, K, inner, n_c_tiles, BR: tl.constexpr,
-                          BC: tl.constexpr, LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                          BC: tl.constexpr, LAST_DIM: tl.constexpr, SINGLE: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
                           MASKED: tl.constexpr):
     o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
     idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
-                                       ALIGN4, REL32, MASKED)
+                                       SINGLE, ALIGN4, REL32, MASKED)
     if LAST_DIM:
         r = a0 + tl.arange(0, BR)
         tl.store(idx_ptr + r, idx.to(tl.int64), mask=r < n_rows)
@@ -495,6 +550,7 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     """
     outer, K, inner = _geometry(x, dim)
     last_dim = inner == 1
+    stream = stream and not last_dim  # a row that fits one tile is read into registers once, as the soft one
     align4 = noise and ((K % 4 == 0) if last_dim else (inner % 4 == 0))
     limit = max(4, _pow2_floor(max_tile or MAX_TILE // inputs))
     if stream:
@@ -511,10 +567,13 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     else:  # tile [BR categories, BC inner positions]
         cols_p2 = triton.next_power_of_2(inner)
         min_cols = 4 if align4 else 1  # a group of four columns shares a Philox call
-        single = bk * min_cols <= limit
+        # A single-pass tile must span at least MIN_STRIP_COLS contiguous columns (or the whole row):
+        # narrower strips read pieces smaller than a DRAM burst from rows far apart.
+        strip = max(min_cols, min(MIN_STRIP_COLS, cols_p2))
+        single = bk * strip <= limit
         if single:
             br = bk
-            bc = min(max(min_cols, TILE // bk, min(8, limit // bk)), cols_p2)
+            bc = min(max(strip, TILE // bk), cols_p2)
         else:
             bc = min(cols_p2, max(min_cols, LOOP_COLS))
             br = max(1, min(limit, LOOP_TILE) // bc)
@@ -526,8 +585,10 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     if K >= 2**31 - max(br, bc):
         raise ValueError(f"size {K} of dim {dim} is too large for the Triton Gumbel kernels")
     rel32 = br * (K if last_dim else inner) + bc < 2**31  # offsets within a chunk fit int32
-    if noise and (not align4 or inputs > 1):
+    if (noise and (not align4 or inputs > 1)) or (inputs > 1 and not single):
         per_thread = NARROW_ELEMENTS_PER_THREAD
+    elif not single and not last_dim and noise:  # looped column strips: the prefetched chunk doubles the tile
+        per_thread = LOOP_ELEMENTS_PER_THREAD
     elif single and not last_dim and inputs == 1 and br * bc > LOOP_TILE:  # the column strip
         per_thread = STRIP_ELEMENTS_PER_THREAD
     else:
@@ -587,7 +648,7 @@ def gumbel_softmax_forward(logits: torch.Tensor, seed: int, tau: float, hard: bo
     grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=hard)
     lo, hi = seed_words(seed)
     if hard:
-        _gumbel_hard_fwd_kernel[grid](x, out, lo, hi, *sizes, **meta, **_NOISE_LAUNCH)
+        _gumbel_hard_fwd_kernel[grid](x, out, lo, hi, *sizes, SINGLE=single, **meta, **_NOISE_LAUNCH)
     else:
         _gumbel_softmax_fwd_kernel[grid](x, out, lo, hi, _LOG2E / tau, *sizes, SINGLE=single, **meta, **_NOISE_LAUNCH)
     return out
@@ -624,7 +685,7 @@ def gumbel_argmax(logits: torch.Tensor, seed: int, dim: int, *, max_block: Optio
         return out
     grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=True)
     lo, hi = seed_words(seed)
-    _gumbel_argmax_kernel[grid](x, out, lo, hi, *sizes, **meta, **_NOISE_LAUNCH)
+    _gumbel_argmax_kernel[grid](x, out, lo, hi, *sizes, SINGLE=single, **meta, **_NOISE_LAUNCH)
     return out
 
 
