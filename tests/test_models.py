@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from python_models.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint  # noqa: E402
 from python_models.dvae import (DiscreteVAE, DVAEConfig, convert_dall_e_state_dict, kl_weight_schedule,  # noqa: E402
-                                logit_laplace_nll, map_pixels, temperature_schedule, unmap_pixels)
+                                learning_rate_schedule, logit_laplace_nll, map_pixels, marginal_kl_uniform,
+                                temperature_schedule, unmap_pixels)
 from python_models.vae import VAE, VAEConfig, beta_vae  # noqa: E402
 from python_models.vit import ViT, ViTConfig, resample_pos_embed  # noqa: E402
 from python_models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -178,6 +179,44 @@ def test_dvae_pixels_schedules_and_logit_laplace():
     laplace = torch.distributions.Laplace(mu, torch.exp(log_b))
     expected = -(laplace.log_prob(torch.logit(xm)) - torch.log(xm) - torch.log1p(-xm))
     torch.testing.assert_close(logit_laplace_nll(xm, mu, log_b), expected)
+
+
+def test_dvae_learning_rate_schedule_warms_up_then_anneals():
+    lrs = [learning_rate_schedule(s, 100, 1e-3, 1e-5, warmup_steps=10) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear, peak at the warm-up's end
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then non-increasing
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # the cosine's midpoint
+    assert lrs[100] == pytest.approx(1e-5) and lrs[119] == pytest.approx(1e-5)
+    assert learning_rate_schedule(0, 100, 1e-3, 1e-5) == pytest.approx(1e-3)  # no warm-up
+
+
+def test_dvae_marginal_kl_is_the_batch_part_of_the_kl_term():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(4, 64, 3, 5, dtype=torch.float64)
+    q = torch.softmax(logits, dim=1)
+    q_bar = q.mean(dim=(0, 2, 3), keepdim=True)
+    # mean_i KL(q_i || u) = KL(q_bar || u) + mean_i KL(q_i || q_bar)   (ELBO surgery)
+    per_position = (q * (q.log() + math.log(64))).sum(1).mean()
+    mutual_information = (q * (q.log() - q_bar.log())).sum(1).mean()
+    torch.testing.assert_close(marginal_kl_uniform(logits, dim=1).double(), per_position - mutual_information)
+    same = torch.zeros(6, 64, 2, 2)
+    same[:, 3] = 50.0  # every position sure of token 3
+    assert float(marginal_kl_uniform(same)) == pytest.approx(math.log(64), abs=1e-4)
+    spread = torch.full((64, 64), -50.0).fill_diagonal_(50.0)[:, :, None, None]  # one token per image
+    assert float(marginal_kl_uniform(spread)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_dvae_marginal_weight_and_torch_gumbel_softmax():
+    torch.manual_seed(0)
+    m, x = tiny_dvae(), images(2)
+    base = m(x, tau=1.0, beta=1.0, seed=3)
+    extra = m(x, tau=1.0, beta=1.0, seed=3, marginal_weight=2.0)
+    grid = 4 * 4
+    torch.testing.assert_close(extra["loss"], base["loss"] + 2.0 * grid * base["kl_marginal"] / x[0].numel())
+    out = m(x, tau=0.5, beta=1.0, gumbel_softmax=F.gumbel_softmax)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and m.encoder.blocks.input.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------
