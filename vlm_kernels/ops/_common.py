@@ -142,15 +142,18 @@ def compiled_kernel(name: str):
 def triton_kernel(module: str, name: str):
     """A backend entry that calls ``vlm_kernels.triton.<module>.<name>``: Triton is imported only when
     this backend runs, and kernels launch on the device of the first tensor argument."""
+    found: list = []  # the launcher, once imported (a per-call import costs host time on small ops)
 
     def call(*args):
-        import importlib
+        if not found:
+            import importlib
 
-        launchers = importlib.import_module(f"vlm_kernels.triton.{module}")
+            found.append(getattr(importlib.import_module(f"vlm_kernels.triton.{module}"), name))
+        launcher = found[0]
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if device.type != "cuda":
-            return getattr(launchers, name)(*args)
+        if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+            return launcher(*args)
         with torch.cuda.device(device):  # Triton launches on the current device
-            return getattr(launchers, name)(*args)
+            return launcher(*args)
 
     return call
