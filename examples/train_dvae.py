@@ -10,7 +10,8 @@ DOCSTRING-RECIPE
 from __future__ import annotations
 
 import argparse
-import copy
+import io
+import multiprocessing as mp
 import os
 import resource
 import sys
@@ -54,14 +55,18 @@ def parse_args(argv=None):
                    help="fraction of the steps after which samples are hard (straight-through); 1: never")
     p.add_argument("--marginal-weight", type=float, default=0.0,
                    help="weight of KL(batch-mean posterior || uniform) per token (not in the paper)")
+    p.add_argument("--balance-rate", type=float, default=0.0,
+                   help="per step, add rate * ln(1 / (vocab * share)) to the encoder's output bias of each token, its share "
+                        "a running mean over batches of the argmax tokens (load balancing; not in the paper)")
     p.add_argument("--weighting", choices=("area", "photo"), default="area",
                    help="training patches: every region equally likely (area) or every photo (photo)")
     p.add_argument("--eval-patches", type=int, default=512)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate held-out patches every N steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare", action="store_true",
-                   help="train the same model with torch.nn.functional.gumbel_softmax beside ours")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the same model with torch.nn.functional.gumbel_softmax beside ours, in a second "
+                        "process at the same time (the default; --no-compare trains ours alone)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     return p.parse_args(argv)
 
@@ -90,6 +95,21 @@ def evaluate(model: DiscreteVAE, patches: torch.Tensor, batch: int = 128) -> dic
             "perplexity": float(torch.exp(-torch.special.xlogy(p, p).sum()))}
 
 
+@torch.no_grad()
+def balance_tokens_(model: DiscreteVAE, logits: torch.Tensor, usage: torch.Tensor, rate: float,
+                    momentum: float = 0.9) -> None:
+    """Load balancing of the argmax tokens, outside the loss: update ``usage`` (the running share of each
+    token among the batch's argmax tokens) in place, then add ``rate * ln(1 / (K * usage))`` to the encoder's
+    last bias (clamped at 100x under- or over-use): tokens picked less often than 1/K rise, the others fall,
+    until every token is picked equally often. The bias is part of the encoder, so the tokens the trained
+    model produces (``encode_tokens``) include it."""
+    k = logits.shape[1]
+    counts = torch.bincount(logits.argmax(dim=1).flatten(), minlength=k).to(usage.dtype)
+    usage.mul_(momentum).add_(counts / counts.sum(), alpha=1 - momentum)
+    step = -torch.log((k * usage).clamp(0.01, 100.0))
+    model.encoder.blocks.output.conv.bias.add_(step.to(logits.dtype), alpha=rate)
+
+
 class Schedules:
     """Per-step temperature, KL weight, learning rate and hard/soft samples, from the run's length."""
 
@@ -113,69 +133,104 @@ def describe(r: dict, vocab: int) -> str:
             f"{r['used']:.1%} of {vocab}, perplexity {r['perplexity']:.1f}")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def make_config(args) -> DVAEConfig:
+    return DVAEConfig(vocab_size=args.vocab, n_hid=args.n_hid, n_init=args.n_init, n_blk_per_group=args.blocks,
+                      group_count=args.groups)
+
+
+def train_one(args, name: str, position: int = 0) -> dict:
+    """Train one model; ``name`` "vlm_kernels" samples with ``vlm_kernels.gumbel_softmax``, "torch" with
+    ``torch.nn.functional.gumbel_softmax``. Both start from the same weights (``--seed``) and see the same
+    patches in the same order under the same schedules. Returns the trained weights (``torch.save`` bytes,
+    so that a worker process can send them back) and this run's time per step."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    model = DiscreteVAE(make_config(args))
+    gumbel = None if name == "vlm_kernels" else F.gumbel_softmax
     train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed, weighting=args.weighting)
-    held_out_photos = load_photos(HELD_OUT_PHOTOS)
-    eval_held = PatchSampler(held_out_photos, args.patch, seed=args.seed + 2).sample(args.eval_patches)
-    eval_train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed + 1).sample(args.eval_patches)
-
-    config = DVAEConfig(vocab_size=args.vocab, n_hid=args.n_hid, n_init=args.n_init, n_blk_per_group=args.blocks,
-                        group_count=args.groups)
-    model = DiscreteVAE(config)
-    # The runs: ours (vlm_kernels.gumbel_softmax), and with --compare the same initial weights, batches and
-    # schedules with torch.nn.functional.gumbel_softmax, one step of each in turn (so both see the same load).
-    runs = {"vlm_kernels": {"model": model, "gumbel": None}}
-    if args.compare:
-        runs["torch"] = {"model": copy.deepcopy(model), "gumbel": F.gumbel_softmax}
-    for run in runs.values():
-        run["opt"] = torch.optim.AdamW(run["model"].parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        run.update(wall=0.0, cpu=0.0, curve=[])
-    grid = args.patch // config.downsample
-    sched = Schedules(args)
-    print(f"dVAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.vocab} tokens, "
-          f"{args.patch}x{args.patch} patches -> {grid}x{grid} tokens, {args.steps} steps of {args.batch_size}, "
-          f"{args.threads} thread(s); vlm_kernels backend for CPU tensors: {kernel_backend()}")
+    eval_held = (PatchSampler(load_photos(HELD_OUT_PHOTOS), args.patch, seed=args.seed + 2).sample(args.eval_patches)
+                 if args.eval_every else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched, grid, curve = Schedules(args), args.patch // model.config.downsample, []
+    usage = torch.full((args.vocab,), 1.0 / args.vocab)  # running share of each token among the argmax tokens
     start_wall, start_cpu = time.perf_counter(), cpu_seconds()
-    bar = tqdm(range(args.steps), desc="train")
+    bar = tqdm(range(args.steps), desc=f"{name:>11}", position=position, mininterval=1.0)
     for step in bar:
         s = sched(step)
-        x = train.sample(args.batch_size)
-        for name, run in runs.items():
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            for group in run["opt"].param_groups:
-                group["lr"] = s["lr"]
-            out = run["model"](x, tau=s["tau"], beta=s["beta"], hard=s["hard"], marginal_weight=args.marginal_weight,
-                               gumbel_softmax=run["gumbel"])
-            run["opt"].zero_grad(set_to_none=True)
-            out["loss"].backward()
-            run["opt"].step()
-            run["wall"] += time.perf_counter() - t0
-            run["cpu"] += cpu_seconds() - c0
-            run["last"] = out
+        for group in opt.param_groups:
+            group["lr"] = s["lr"]
+        out = model(train.sample(args.batch_size), tau=s["tau"], beta=s["beta"], hard=s["hard"],
+                    marginal_weight=args.marginal_weight, gumbel_softmax=gumbel)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        if args.balance_rate:
+            balance_tokens_(model, out["logits"].detach(), usage, args.balance_rate)
         if step % 20 == 0 or step == args.steps - 1:
-            out = runs["vlm_kernels"]["last"]
             bar.set_postfix(tau=f"{s['tau']:.3f}", beta=f"{s['beta']:.2f}", lr=f"{s['lr']:.1e}",
                             loss=f"{float(out['loss'].detach()):.3f}",
                             kl=f"{float(out['kl'].detach().mean()) / grid ** 2:.2f}",
-                            kl_bar=f"{float(out['kl_marginal'].detach()):.2f}")
-        if args.eval_every and ((step + 1) % args.eval_every == 0):
-            for name, run in runs.items():
-                r = evaluate(run["model"], eval_held)
-                run["curve"].append((step + 1, r))
-                tqdm.write(f"step {step + 1:5d} {name:>11} held-out: {describe(r, args.vocab)}")
+                            kl_bar=f"{float(out['kl_marginal'].detach()):.2f}", refresh=False)
+        if eval_held is not None and (step + 1) % args.eval_every == 0:
+            r = evaluate(model, eval_held)
+            curve.append((step + 1, r))
+            tqdm.write(f"step {step + 1:5d} {name:>11} held-out: {describe(r, args.vocab)}")
     wall, cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
+    bar.close()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return {"state_dict": buffer.getvalue(), "train_seconds": wall, "train_cpu_seconds": cpu,
+            "step_ms_wall": 1e3 * wall / max(args.steps, 1), "step_ms_cpu": 1e3 * cpu / max(args.steps, 1),
+            "curve": curve}
 
-    result = {"steps": args.steps, "train_seconds": wall, "train_cpu_seconds": cpu}
-    print(f"trained {args.steps} steps in {wall:.0f} s wall, {cpu:.0f} s CPU ({args.steps / wall:.2f} steps/s wall)")
-    for name, run in runs.items():
-        res = {"held_out": evaluate(run["model"], eval_held), "train_photos": evaluate(run["model"], eval_train),
-               "step_ms_wall": 1e3 * run["wall"] / max(args.steps, 1),
-               "step_ms_cpu": 1e3 * run["cpu"] / max(args.steps, 1), "curve": run["curve"]}
+
+def _train_worker(args, name: str, position: int, queue) -> None:
+    try:
+        queue.put(train_one(args, name, position))
+    except BaseException as e:  # report it to the parent instead of leaving it waiting
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    config = make_config(args)
+    grid = args.patch // config.downsample
+    names = ["vlm_kernels"] + (["torch"] if args.compare else [])
+    print(f"dVAE: {sum(p.numel() for p in DiscreteVAE(config).parameters()) / 1e6:.2f}M parameters, "
+          f"{args.vocab} tokens, {args.patch}x{args.patch} patches -> {grid}x{grid} tokens, {args.steps} steps of "
+          f"{args.batch_size}, {args.threads} thread(s) per run; runs: {', '.join(names)}"
+          f"{' (one process each, side by side)' if args.compare else ''}; vlm_kernels backend for CPU tensors: "
+          f"{kernel_backend()}")
+    start = time.perf_counter()
+    trained = {}
+    if args.compare:
+        # torch's run in a second process, at the same time as ours: one core each on a two-core machine,
+        # both under the same load, so their times per step compare.
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        worker = ctx.Process(target=_train_worker, args=(args, "torch", 1, queue), daemon=True)
+        worker.start()
+    trained["vlm_kernels"] = train_one(args, "vlm_kernels", 0)
+    if args.compare:
+        trained["torch"] = queue.get()
+        worker.join()
+        if "error" in trained["torch"]:
+            raise RuntimeError(f"the torch.nn.functional.gumbel_softmax run failed: {trained['torch']['error']}")
+    wall = time.perf_counter() - start
+
+    held_out_photos = load_photos(HELD_OUT_PHOTOS)
+    eval_held = PatchSampler(held_out_photos, args.patch, seed=args.seed + 2).sample(args.eval_patches)
+    eval_train = PatchSampler(load_photos(TRAIN_PHOTOS), args.patch, seed=args.seed + 1).sample(args.eval_patches)
+    models, result = {}, {"steps": args.steps, "train_seconds": wall}
+    print(f"trained {args.steps} steps in {wall:.0f} s wall")
+    for name, run in trained.items():
+        model = models[name] = DiscreteVAE(config)
+        model.load_state_dict(torch.load(io.BytesIO(run.pop("state_dict"))))
+        res = {**run, "held_out": evaluate(model, eval_held), "train_photos": evaluate(model, eval_train)}
         if name == "vlm_kernels":
-            result.update(res)
+            result.update({k: v for k, v in res.items() if k != "train_seconds"})
         else:
             result[name] = res
         prefix = f"[{name}] " if args.compare else ""
@@ -183,17 +238,16 @@ def main(argv=None) -> dict:
         for split in ("held_out", "train_photos"):
             print(f"{prefix}{split:>12}: {describe(res[split], args.vocab)}")
     if args.compare:
-        result["gumbel_op"] = time_gumbel_op(args.batch_size, args.vocab, grid)
-        g = result["gumbel_op"]
+        result["gumbel_op"] = g = time_gumbel_op(args.batch_size, args.vocab, grid)
         print(f"Gumbel-softmax alone, forward + backward on ({args.batch_size}, {args.vocab}, {grid}, {grid}) "
               f"logits, dim=1: vlm_kernels {g['vlm_kernels_ms']:.3f} ms, torch {g['torch_ms']:.3f} ms "
-              f"(speed-up {g['torch_ms'] / g['vlm_kernels_ms']:.2f}x); whole step: "
-              f"{result['torch']['step_ms_cpu'] / result['step_ms_cpu']:.3f}x (CPU time)")
+              f"(speed-up {g['torch_ms'] / g['vlm_kernels_ms']:.2f}x); whole training step: "
+              f"{result['torch']['step_ms_cpu'] / result['step_ms_cpu']:.3f}x (CPU time per step)")
 
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "dvae_reconstructions.png")
-    save_figure(model, held_out_photos[0], eval_held[:8], png)
-    save_checkpoint(model, os.path.join(args.out, "dvae.pt"), steps=args.steps)
+    save_figure(models, held_out_photos[0], eval_held[:8], png)
+    save_checkpoint(models["vlm_kernels"], os.path.join(args.out, "dvae.pt"), steps=args.steps)
     print(f"wrote {png} and {os.path.join(args.out, 'dvae.pt')}")
     return result
 
@@ -226,25 +280,29 @@ def time_gumbel_op(batch: int, vocab: int, grid: int, reps: int = 50) -> dict:
 
 
 @torch.no_grad()
-def save_figure(model: DiscreteVAE, photo: torch.Tensor, patches: torch.Tensor, path: str) -> None:
+def save_figure(models: dict, photo: torch.Tensor, patches: torch.Tensor, path: str) -> None:
     """One PNG: a held-out photograph's 256x256 centre (original | its tokens, one colour per token index |
-    the reconstruction from those tokens), then held-out patches in three rows (originals, tokens,
-    reconstructions)."""
+    the reconstruction from those tokens), then held-out patches (originals, then tokens and reconstructions
+    from the tokens for each model: ours and, with --compare, the one trained with F.gumbel_softmax)."""
+    model = models["vlm_kernels"]
     model.eval()
     palette = token_palette(model.config.vocab_size)
     cell = model.config.downsample
     crop = center_crop(photo, 256)[None]
     tokens = model.encode_tokens(crop)
     top = grid_image([[crop[0], token_image(tokens[0], palette, cell), model.decode_tokens(tokens)[0]]])
-    tokens = model.encode_tokens(patches)
-    recon = model.decode_tokens(tokens)
-    bottom = grid_image([list(patches), [token_image(t, palette, cell) for t in tokens], list(recon)], scale=3)
+    rows = [list(patches)]
+    for m in models.values():
+        m.eval()
+        tokens = m.encode_tokens(patches)
+        rows += [[token_image(t, palette, cell) for t in tokens], list(m.decode_tokens(tokens))]
+    bottom = grid_image(rows, scale=3)
     width = max(top.width, bottom.width)
+    runs = " and ".join({"vlm_kernels": "ours", "torch": "F.gumbel_softmax's"}[name] for name in models)
     save_stacked([caption("held-out photograph (not trained on): original | tokens, one colour per token index | "
                           "reconstruction from the tokens", width), top,
-                  caption("held-out patches: originals, tokens, reconstructions from the tokens", width), bottom],
-                 path, pad=2)
-    model.train()
+                  caption(f"held-out patches: originals, then tokens and reconstructions from them ({runs})", width),
+                  bottom], path, pad=2)
 
 
 if __name__ == "__main__":

@@ -437,12 +437,48 @@ def test_training_example_runs(script, tmp_path):
     import importlib
 
     module = importlib.import_module(f"examples.{script}")
-    result = module.main(["--steps", "3", "--batch-size", "4", "--eval-patches", "16", "--out", str(tmp_path)])
+    extra = ["--no-compare"] if script == "train_dvae" else []  # the comparison: the test below
+    result = module.main(["--steps", "3", "--batch-size", "4", "--eval-patches", "16", "--out", str(tmp_path)] + extra)
     for split in ("held_out", "train_photos"):
         assert math.isfinite(result[split]["mse"]) and 0 < result[split]["used"] <= 1
     stem = script.split("_")[1]
     assert (tmp_path / f"{stem}_reconstructions.png").stat().st_size > 0
     assert isinstance(load_checkpoint(tmp_path / f"{stem}.pt"), VQVAE if stem == "vqvae" else DiscreteVAE)
+
+
+def test_dvae_example_schedules_scale_with_the_run():
+    from examples.train_dvae import Schedules, parse_args
+
+    args = parse_args(["--steps", "1000", "--tau-anneal", "0.1", "--tau-end", "0.0625", "--kl-warmup", "0.02",
+                       "--beta", "2", "--lr", "1e-3", "--lr-end", "1e-5", "--hard-from", "0.9"])
+    s = Schedules(args)
+    assert s(0)["tau"] == pytest.approx(1.0) and s(100)["tau"] == pytest.approx(0.0625)
+    assert s(500)["tau"] == pytest.approx(0.0625)  # annealed over the first 10%, then constant
+    assert s(0)["beta"] == 0 and s(20)["beta"] == pytest.approx(2.0) and s(999)["beta"] == pytest.approx(2.0)
+    assert s(0)["lr"] == pytest.approx(1e-3) and s(1000)["lr"] == pytest.approx(1e-5)
+    assert not s(899)["hard"] and s(900)["hard"]
+    assert not any(Schedules(parse_args(["--steps", "50"]))(i)["hard"] for i in range(50))  # --hard-from 1: never
+
+
+def test_dvae_example_trains_beside_torch_gumbel_softmax(tmp_path):
+    # A tiny configuration through the whole script: ours and F.gumbel_softmax's run (a second process),
+    # held-out evaluation of both, the Gumbel-softmax timing, the PNG and the checkpoint.
+    pytest.importorskip("skimage")
+    pytest.importorskip("tqdm")
+    from examples.train_dvae import main
+
+    result = main(["--steps", "4", "--batch-size", "4", "--patch", "8", "--groups", "2", "--vocab", "16",
+                   "--n-hid", "8", "--n-init", "8", "--eval-patches", "8", "--eval-every", "2", "--out", str(tmp_path)])
+    for res in (result, result["torch"]):
+        assert [step for step, _ in res["curve"]] == [2, 4]
+        for split in ("held_out", "train_photos"):
+            r = res[split]
+            assert math.isfinite(r["psnr"]) and 0 < r["used"] <= 1 and 1 <= r["perplexity"] <= 16
+        assert res["step_ms_cpu"] > 0 and res["step_ms_wall"] > 0
+    assert result["gumbel_op"]["vlm_kernels_ms"] > 0 and result["gumbel_op"]["torch_ms"] > 0
+    assert (tmp_path / "dvae_reconstructions.png").stat().st_size > 0
+    model = load_checkpoint(tmp_path / "dvae.pt")
+    assert isinstance(model, DiscreteVAE) and model.config.vocab_size == 16 and model.config.group_count == 2
 
 
 def test_vqvae_data_parallel_example_keeps_codebooks_identical(tmp_path):
