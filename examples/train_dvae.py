@@ -34,7 +34,17 @@ fraction of the tokens the encoder picks and the perplexity of their histogram. 
 its reconstruction from the tokens; held-out patches, their tokens and reconstructions for each run) and
 ``<out>/dvae.pt`` (ours).
 
-MEASURED
+Measured (``python examples/train_dvae.py``, seed 0, 2-core EPYC shared with other jobs at load ~13: 31 min
+wall, 156 ms CPU per step per run, so about 4 min on two idle cores), 512 held-out patches (8192 tokens):
+
+    run                        held-out PSNR from tokens   tokens used   perplexity   train-photo PSNR / used
+    vlm_kernels.gumbel_softmax        20.3 dB                  7.0%          10.2         22.4 dB / 15.0%
+    F.gumbel_softmax                  21.3 dB                  6.1%           9.7         22.8 dB / 16.8%
+
+Issue 13's targets (40% used, perplexity 100, 22 dB on held-out photographs) are NOT met. The comparison:
+CPU time per training step 156 ms (ours) vs 152 ms (torch's), i.e. 0.97x; the Gumbel-softmax alone at
+(32, 512, 4, 4), dim=1, forward + backward: 9.4 ms (ours, this branch's CPU kernel) vs 5.0 ms (0.53x).
+``examples/dvae_reconstructions.png`` is that run's picture.
 """
 
 from __future__ import annotations
