@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,29 @@ def kl_weight_schedule(step: int, warmup_steps: int, beta: float = 6.6) -> float
     """The KL weight, raised from 0 to ``beta`` over ``warmup_steps`` (cosine; 5000 updates in the paper)."""
     frac = min(max(step / max(warmup_steps, 1), 0.0), 1.0)
     return beta * 0.5 * (1 - math.cos(math.pi * frac))
+
+
+def learning_rate_schedule(step: int, total_steps: int, peak: float, end: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up from ``peak / warmup_steps`` to ``peak`` over ``warmup_steps``, then cosine annealing
+    to ``end`` at ``total_steps``, constant afterwards (the paper anneals 1e-4 -> 1.25e-6 with a cosine
+    over 1.2M updates and has no warm-up)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    frac = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * frac))
+
+
+def marginal_kl_uniform(logits: Tensor, dim: int = 1) -> Tensor:
+    """KL(q_bar || uniform) in nats, q_bar the posterior averaged over every position of the batch (all
+    dims but ``dim``): ln K + sum_k q_bar_k ln q_bar_k, a scalar.
+
+    The mean over positions of the per-position KL(q(z | x) || uniform) (eq. (1)'s KL term) is exactly
+    this marginal KL plus the mutual information between position and token within the batch (Hoffman &
+    Johnson 2016, "ELBO surgery"); weighting this part on its own pushes the *batch* to use the whole
+    vocabulary without pushing each posterior towards uniform."""
+    q = torch.softmax(logits.float(), dim=dim)
+    q_bar = q.movedim(dim, -1).reshape(-1, logits.shape[dim]).mean(0)
+    return math.log(logits.shape[dim]) + torch.special.xlogy(q_bar, q_bar).sum()
 
 
 @dataclass
@@ -269,7 +292,13 @@ class DiscreteVAE(nn.Module):
     # -- training ----------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, tau: float = 1.0, beta: float = 6.6, *, hard: bool = False,
-                seed: Optional[int] = None) -> dict[str, Tensor]:
+                seed: Optional[int] = None, marginal_weight: float = 0.0,
+                gumbel_softmax: Optional[Callable[..., Tensor]] = None) -> dict[str, Tensor]:
+        """``marginal_weight`` (default 0, the paper's loss) adds ``marginal_weight * h * w *``
+        :func:`marginal_kl_uniform` ``(logits)`` to the per-image loss: a batch-level usage term that is
+        not in the paper. ``gumbel_softmax`` replaces ``vlm_kernels.gumbel_softmax`` by a function with
+        the signature of ``torch.nn.functional.gumbel_softmax(logits, tau, hard, dim=1)`` (to compare
+        the two; ``seed`` then does not apply)."""
         self._check_images(x)
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
@@ -277,15 +306,24 @@ class DiscreteVAE(nn.Module):
                              f"shape {tuple(x.shape)}")
         x_mapped = map_pixels(x)
         logits = self.encoder(x_mapped)
-        z = vlm_kernels.gumbel_softmax(logits, tau, hard, dim=1, seed=seed)
+        if gumbel_softmax is None:
+            z = vlm_kernels.gumbel_softmax(logits, tau, hard, dim=1, seed=seed)
+        else:
+            z = gumbel_softmax(logits, tau, hard, dim=1)
         stats = self.decoder(z)
         c = self.config.channels
         recon = logit_laplace_nll(x_mapped, stats[:, :c], stats[:, c:]).flatten(1).sum(1)
         kl = vlm_kernels.categorical_kl_uniform(logits, dim=1).flatten(1).sum(1)
         dims = x[0].numel()
         loss = (recon + beta * kl).mean() / dims
-        return {"loss": loss, "recon": recon, "kl": kl, "x_rec": self.stats_to_image(stats.detach()),
-                "logits": logits}
+        if marginal_weight:
+            kl_marginal = marginal_kl_uniform(logits, dim=1)
+            loss = loss + marginal_weight * logits[0, 0].numel() * kl_marginal / dims
+        else:
+            with torch.no_grad():
+                kl_marginal = marginal_kl_uniform(logits, dim=1)
+        return {"loss": loss, "recon": recon, "kl": kl, "kl_marginal": kl_marginal,
+                "x_rec": self.stats_to_image(stats.detach()), "logits": logits}
 
     # -- dall_e weights ----------------------------------------------------------------------------------
 
@@ -327,4 +365,5 @@ class DiscreteVAE(nn.Module):
 
 
 __all__ = ["DVAEConfig", "DVAEDecoder", "DVAEEncoder", "DiscreteVAE", "convert_dall_e_state_dict",
-           "kl_weight_schedule", "logit_laplace_nll", "map_pixels", "temperature_schedule", "unmap_pixels"]
+           "kl_weight_schedule", "learning_rate_schedule", "logit_laplace_nll", "map_pixels", "marginal_kl_uniform",
+           "temperature_schedule", "unmap_pixels"]

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from python_models.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint  # noqa: E402
 from python_models.dvae import (DiscreteVAE, DVAEConfig, convert_dall_e_state_dict, kl_weight_schedule,  # noqa: E402
-                                logit_laplace_nll, map_pixels, temperature_schedule, unmap_pixels)
+                                learning_rate_schedule, logit_laplace_nll, map_pixels, marginal_kl_uniform,
+                                temperature_schedule, unmap_pixels)
 from python_models.vae import VAE, VAEConfig, beta_vae  # noqa: E402
 from python_models.vit import ViT, ViTConfig, resample_pos_embed  # noqa: E402
 from python_models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -178,6 +179,44 @@ def test_dvae_pixels_schedules_and_logit_laplace():
     laplace = torch.distributions.Laplace(mu, torch.exp(log_b))
     expected = -(laplace.log_prob(torch.logit(xm)) - torch.log(xm) - torch.log1p(-xm))
     torch.testing.assert_close(logit_laplace_nll(xm, mu, log_b), expected)
+
+
+def test_dvae_learning_rate_schedule_warms_up_then_anneals():
+    lrs = [learning_rate_schedule(s, 100, 1e-3, 1e-5, warmup_steps=10) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear, peak at the warm-up's end
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then non-increasing
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # the cosine's midpoint
+    assert lrs[100] == pytest.approx(1e-5) and lrs[119] == pytest.approx(1e-5)
+    assert learning_rate_schedule(0, 100, 1e-3, 1e-5) == pytest.approx(1e-3)  # no warm-up
+
+
+def test_dvae_marginal_kl_is_the_batch_part_of_the_kl_term():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(4, 64, 3, 5, dtype=torch.float64)
+    q = torch.softmax(logits, dim=1)
+    q_bar = q.mean(dim=(0, 2, 3), keepdim=True)
+    # mean_i KL(q_i || u) = KL(q_bar || u) + mean_i KL(q_i || q_bar)   (ELBO surgery)
+    per_position = (q * (q.log() + math.log(64))).sum(1).mean()
+    mutual_information = (q * (q.log() - q_bar.log())).sum(1).mean()
+    torch.testing.assert_close(marginal_kl_uniform(logits, dim=1).double(), per_position - mutual_information)
+    same = torch.zeros(6, 64, 2, 2)
+    same[:, 3] = 50.0  # every position sure of token 3
+    assert float(marginal_kl_uniform(same)) == pytest.approx(math.log(64), abs=1e-4)
+    spread = torch.full((64, 64), -50.0).fill_diagonal_(50.0)[:, :, None, None]  # one token per image
+    assert float(marginal_kl_uniform(spread)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_dvae_marginal_weight_and_torch_gumbel_softmax():
+    torch.manual_seed(0)
+    m, x = tiny_dvae(), images(2)
+    base = m(x, tau=1.0, beta=1.0, seed=3)
+    extra = m(x, tau=1.0, beta=1.0, seed=3, marginal_weight=2.0)
+    grid = 4 * 4
+    torch.testing.assert_close(extra["loss"], base["loss"] + 2.0 * grid * base["kl_marginal"] / x[0].numel())
+    out = m(x, tau=0.5, beta=1.0, gumbel_softmax=F.gumbel_softmax)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and m.encoder.blocks.input.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,12 +437,48 @@ def test_training_example_runs(script, tmp_path):
     import importlib
 
     module = importlib.import_module(f"examples.{script}")
-    result = module.main(["--steps", "3", "--batch-size", "4", "--eval-patches", "16", "--out", str(tmp_path)])
+    extra = ["--no-compare"] if script == "train_dvae" else []  # the comparison: the test below
+    result = module.main(["--steps", "3", "--batch-size", "4", "--eval-patches", "16", "--out", str(tmp_path)] + extra)
     for split in ("held_out", "train_photos"):
         assert math.isfinite(result[split]["mse"]) and 0 < result[split]["used"] <= 1
     stem = script.split("_")[1]
     assert (tmp_path / f"{stem}_reconstructions.png").stat().st_size > 0
     assert isinstance(load_checkpoint(tmp_path / f"{stem}.pt"), VQVAE if stem == "vqvae" else DiscreteVAE)
+
+
+def test_dvae_example_schedules_scale_with_the_run():
+    from examples.train_dvae import Schedules, parse_args
+
+    args = parse_args(["--steps", "1000", "--tau-anneal", "0.1", "--tau-end", "0.0625", "--kl-warmup", "0.02",
+                       "--beta", "2", "--lr", "1e-3", "--lr-end", "1e-5", "--hard-from", "0.9"])
+    s = Schedules(args)
+    assert s(0)["tau"] == pytest.approx(1.0) and s(100)["tau"] == pytest.approx(0.0625)
+    assert s(500)["tau"] == pytest.approx(0.0625)  # annealed over the first 10%, then constant
+    assert s(0)["beta"] == 0 and s(20)["beta"] == pytest.approx(2.0) and s(999)["beta"] == pytest.approx(2.0)
+    assert s(0)["lr"] == pytest.approx(1e-3) and s(1000)["lr"] == pytest.approx(1e-5)
+    assert not s(899)["hard"] and s(900)["hard"]
+    assert not any(Schedules(parse_args(["--steps", "50"]))(i)["hard"] for i in range(50))  # --hard-from 1: never
+
+
+def test_dvae_example_trains_beside_torch_gumbel_softmax(tmp_path):
+    # A tiny configuration through the whole script: ours and F.gumbel_softmax's run (a second process),
+    # held-out evaluation of both, the Gumbel-softmax timing, the PNG and the checkpoint.
+    pytest.importorskip("skimage")
+    pytest.importorskip("tqdm")
+    from examples.train_dvae import main
+
+    result = main(["--steps", "4", "--batch-size", "4", "--patch", "8", "--groups", "2", "--vocab", "16",
+                   "--n-hid", "8", "--n-init", "8", "--eval-patches", "8", "--eval-every", "2", "--out", str(tmp_path)])
+    for res in (result, result["torch"]):
+        assert [step for step, _ in res["curve"]] == [2, 4]
+        for split in ("held_out", "train_photos"):
+            r = res[split]
+            assert math.isfinite(r["psnr"]) and 0 < r["used"] <= 1 and 1 <= r["perplexity"] <= 16
+        assert res["step_ms_cpu"] > 0 and res["step_ms_wall"] > 0
+    assert result["gumbel_op"]["vlm_kernels_ms"] > 0 and result["gumbel_op"]["torch_ms"] > 0
+    assert (tmp_path / "dvae_reconstructions.png").stat().st_size > 0
+    model = load_checkpoint(tmp_path / "dvae.pt")
+    assert isinstance(model, DiscreteVAE) and model.config.vocab_size == 16 and model.config.group_count == 2
 
 
 def test_vqvae_data_parallel_example_keeps_codebooks_identical(tmp_path):
