@@ -314,7 +314,28 @@ def build_model(args, tok: WordTokenizer) -> LLaVA:
     model = LLaVA(config)
     if model.num_image_tokens != GRID * GRID:
         raise AssertionError(f"the encoder gives {model.num_image_tokens} tokens, not one per cell")
+    if args.image_positions == "grid":
+        with torch.no_grad():
+            model.embed_positions[:, :GRID * GRID] = grid_position_code(GRID, args.dim)
     return model
+
+
+def grid_position_code(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim): a 2-D sine-cosine code of each image token's (row, column), row-major: the first
+    half of the channels encodes the row, the second the column, at dim / 4 frequencies each (wavelengths
+    from 4 grid cells up: the code of one axis is nearly linear in it, which a comparison reads easily).
+    Values in [-1, 1], about as large as a token embedding (N(0, 1) entries)."""
+    if dim % 4:
+        raise ValueError(f"grid_position_code: dim must be a multiple of 4, got {dim}")
+    freqs = 2 * math.pi / (4 * torch.logspace(0, 2, dim // 4))  # wavelength 4 .. 400 cells
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+
+    def code(t):
+        angle = t.reshape(-1, 1) * freqs
+        return torch.cat([angle.sin(), angle.cos()], 1)
+
+    return torch.cat([code(rows), code(cols)], 1)
 
 
 def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
@@ -530,7 +551,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="decoder pre-training and stage 2")
     p.add_argument("--eval-per-type", type=int, default=250, help="held-out questions per type")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-positions", choices=("grid", "learned"), default="grid",
+                   help="the decoder's position embeddings at the image tokens: start from a 2-D (row, column) "
+                        "code, or LLaVA's learned 1-D ones from a small random start (position questions "
+                        "then stay at chance: the Swin's features carry no absolute place)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the small ops of this model gain little from a second thread, and "
+                        "OpenMP's barrier after each op makes 2 threads 10-20x slower when the cores are shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps of every phase (smoke test)")
     p.add_argument("--no-progress", action="store_true")

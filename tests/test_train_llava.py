@@ -252,3 +252,22 @@ def test_tiny_end_to_end_run(tmp_path):
     assert "after stage 1 alone" in log and "after stages 1+2" in log and "timing total" in log
     model = load_checkpoint(tmp_path / "llava.pt")
     assert isinstance(model, LLaVA) and model.config.vision == "swin" and model.num_image_tokens == tl.GRID ** 2
+
+
+def test_grid_position_code_tells_every_cell_apart_and_orders_rows_and_columns():
+    code = tl.grid_position_code(tl.GRID, 32)
+    assert code.shape == (tl.GRID * tl.GRID, 32) and code.abs().max() <= 1
+    assert torch.cdist(code, code).add(torch.eye(len(code)) * 9).min() > 0.5  # all cells distinct
+    rows, cols = code[:, :16], code[:, 16:]
+    row_of, col_of = torch.arange(len(code)) // tl.GRID, torch.arange(len(code)) % tl.GRID
+    for half, idx in ((rows, row_of), (cols, col_of)):  # one half depends on its own axis only
+        for v in range(tl.GRID):
+            assert torch.allclose(half[idx == v], half[idx == v][0].expand_as(half[idx == v]))
+            assert v == 0 or (half[idx == v][0] - half[idx == v - 1][0]).norm() > 0.5
+    # the lowest frequency is monotonic in the place along its axis: a linear read-out can compare places
+    assert (rows[::tl.GRID, 7].diff() > 0).all() and (cols[:tl.GRID, 7].diff() > 0).all()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tl.grid_position_code(4, 30)
+    args = tl.parse_args(["--quick"])
+    model = tl.build_model(args, tl.WordTokenizer())
+    torch.testing.assert_close(model.embed_positions[0, :tl.GRID ** 2], tl.grid_position_code(tl.GRID, args.dim))
