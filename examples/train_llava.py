@@ -82,6 +82,7 @@ COLOURS = {"red": (220, 45, 45), "green": (50, 185, 60), "blue": (55, 95, 235), 
 COLOUR_NAMES = tuple(COLOURS)
 SIZES = {"small": (3.2, 3.8), "large": (4.6, 5.3)}  # half extent in pixels
 QUESTION_TYPES = ("colour", "count", "position", "presence")
+STAGE2_MIX = ("colour", "count", "position", "presence", "position")  # relative position is learnt last: 40%
 RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}  # (axis: 0 row / 1 col, sign)
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 CAPTION_PROMPT = "describe the image ."
@@ -314,10 +315,18 @@ def build_model(args, tok: WordTokenizer) -> LLaVA:
     model = LLaVA(config)
     if model.num_image_tokens != GRID * GRID:
         raise AssertionError(f"the encoder gives {model.num_image_tokens} tokens, not one per cell")
-    if args.image_positions == "grid":
+    if args.positions == "code":
         with torch.no_grad():
             model.embed_positions[:, :GRID * GRID] = grid_position_code(GRID, args.dim)
+            model.embed_positions[:, GRID * GRID:] = sequence_position_code(config.max_len - GRID * GRID, args.dim)
     return model
+
+
+def sequence_position_code(n: int, dim: int) -> torch.Tensor:
+    """(n, dim): the Transformer's 1-D sine-cosine code of positions 0 .. n - 1 (wavelengths 2 pi .. 10^4 2 pi)."""
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    angle = torch.arange(n, dtype=torch.float32).reshape(-1, 1) * freqs
+    return torch.cat([angle.sin(), angle.cos()], 1)
 
 
 def grid_position_code(grid: int, dim: int) -> torch.Tensor:
@@ -445,7 +454,7 @@ def pretrain_decoder(model: LLaVA, tok: WordTokenizer, args, progress: bool) -> 
 def train_stage(model: LLaVA, tok: WordTokenizer, args, stage: int, progress: bool) -> float:
     model.set_stage(stage)
     model.train()
-    stream, qtypes = ("captions", ("caption",)) if stage == 1 else ("questions", QUESTION_TYPES)
+    stream, qtypes = ("captions", ("caption",)) if stage == 1 else ("questions", STAGE2_MIX)
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -547,14 +556,15 @@ def parse_args(argv=None):
     p.add_argument("--lm-steps", type=int, default=300, help="0b: decoder language-model steps (text only)")
     p.add_argument("--stage1-steps", type=int, default=400)
     p.add_argument("--stage1-lr", type=float, default=2e-3)
-    p.add_argument("--stage2-steps", type=int, default=2000)
+    p.add_argument("--stage2-steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="decoder pre-training and stage 2")
     p.add_argument("--eval-per-type", type=int, default=250, help="held-out questions per type")
-    p.add_argument("--image-positions", choices=("grid", "learned"), default="grid",
-                   help="the decoder's position embeddings at the image tokens: start from a 2-D (row, column) "
-                        "code, or LLaVA's learned 1-D ones from a small random start (position questions "
-                        "then stay at chance: the Swin's features carry no absolute place)")
+    p.add_argument("--positions", choices=("code", "learned"), default="code",
+                   help="the decoder's position embeddings: start from a 2-D (row, column) code at the image "
+                        "tokens and the 1-D sine-cosine code at the text, or from a small random start (N(0, "
+                        "0.02^2); position questions then stayed at chance: the Swin's features carry no "
+                        "absolute place, and the two names' order in the question is barely visible)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the small ops of this model gain little from a second thread, and "
                         "OpenMP's barrier after each op makes 2 threads 10-20x slower when the cores are shared)")
