@@ -16,6 +16,9 @@
   projector; ``set_stage(2)`` "fine-tuning end-to-end" trains the projector and the decoder. The vision
   encoder stays frozen in both.
 * :meth:`LLaVA.generate`: greedy decoding after the image and the prompt.
+* :meth:`LLaVA.text_loss`: next-token loss on text alone, at the positions text takes after the image, to
+  pre-train the decoder as a small language model before the two stages (LLaVA starts from a pre-trained
+  LLM, Vicuna). :meth:`LLaVA.vision_features` gives the encoder's grid features, e.g. to pre-train it.
 """
 
 from __future__ import annotations
@@ -160,20 +163,25 @@ class LLaVA(nn.Module):
             g = (g + 1) // 2
         return g * g
 
-    def image_embeddings(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, n_image, dim): projected patch features (no CLS)."""
+    def vision_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, n_image, vision width): the encoder's grid features in row-major order (no
+        CLS), before the projector. Under no_grad while the encoder is frozen."""
         c = self.config
         check_images("LLaVA", "images", images, c.in_chans, size=(c.img_size, c.img_size))
         with torch.no_grad() if not any(p.requires_grad for p in self.vision_tower.parameters()) else nullcontext():
             feats = self.vision_tower.forward_features(images)
-        feats = feats[:, 1:] if c.vision == "vit" else feats.reshape(feats.shape[0], -1, feats.shape[-1])
-        return self.projector(feats)
+        return feats[:, 1:] if c.vision == "vit" else feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
-    def _decode(self, embeds: Tensor) -> Tensor:
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, n_image, dim): projected patch features (no CLS)."""
+        return self.projector(self.vision_features(images))
+
+    def _decode(self, embeds: Tensor, offset: int = 0) -> Tensor:
+        """Logits of ``embeds`` placed at positions ``offset, offset + 1, ...`` (causal)."""
         n = embeds.shape[1]
-        if n > self.config.max_len:
-            raise ValueError(f"LLaVA: {n} image + text positions exceed max_len {self.config.max_len}")
-        x = embeds + self.embed_positions[:, :n]
+        if offset + n > self.config.max_len:
+            raise ValueError(f"LLaVA: {offset + n} image + text positions exceed max_len {self.config.max_len}")
+        x = embeds + self.embed_positions[:, offset:offset + n]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
         return self.lm_head(self.decoder(x, mask=causal, is_causal=True))
 
@@ -185,6 +193,25 @@ class LLaVA(nn.Module):
     def loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Mean cross entropy of the labelled text tokens: label[t] (``IGNORE_INDEX`` to skip) is predicted
         from the image and input_ids[:t]. Use :func:`answer_labels` to mask the prompt."""
+        self._check_labels(input_ids, labels)
+        logits = self(images, input_ids)
+        n_img = logits.shape[1] - input_ids.shape[1]
+        text_logits = logits[:, n_img - 1:-1]  # position n_img - 1 + t predicts text token t
+        return F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), labels.reshape(-1).long(),
+                               ignore_index=IGNORE_INDEX)
+
+    def text_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Language-model loss without an image: mean cross entropy of label[t] (t >= 1; ``IGNORE_INDEX`` to
+        skip) predicted from input_ids[:t], the text placed at the positions it takes after the image
+        tokens (the image positions are left out, not filled). For pre-training the decoder on text; the
+        projector and the vision encoder take no part."""
+        input_ids = check_token_ids("LLaVA", "input_ids", input_ids, self.config.vocab_size)
+        self._check_labels(input_ids, labels, first_predicted=1)
+        logits = self._decode(self.embed_tokens(input_ids), offset=self.num_image_tokens)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long(),
+                               ignore_index=IGNORE_INDEX)
+
+    def _check_labels(self, input_ids: Tensor, labels: Tensor, first_predicted: int = 0) -> None:
         if not isinstance(labels, Tensor) or labels.shape != getattr(input_ids, "shape", None):
             got = describe(labels) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"LLaVA: labels must have input_ids' shape "
@@ -193,13 +220,9 @@ class LLaVA(nn.Module):
         if bool(bad.any()):
             raise ValueError(f"LLaVA: labels must lie in [0, {self.config.vocab_size}) or be {IGNORE_INDEX}, "
                              f"got {describe(labels)}")
-        if bool((labels == IGNORE_INDEX).all()):
-            raise ValueError(f"LLaVA: labels has no answer token (all {IGNORE_INDEX}), {describe(labels)}")
-        logits = self(images, input_ids)
-        n_img = logits.shape[1] - input_ids.shape[1]
-        text_logits = logits[:, n_img - 1:-1]  # position n_img - 1 + t predicts text token t
-        return F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), labels.reshape(-1).long(),
-                               ignore_index=IGNORE_INDEX)
+        if bool((labels[:, first_predicted:] == IGNORE_INDEX).all()):
+            where = "" if first_predicted == 0 else f" after position {first_predicted - 1}"
+            raise ValueError(f"LLaVA: labels has no answer token{where} (all {IGNORE_INDEX}), {describe(labels)}")
 
     @torch.no_grad()
     def generate(self, images: Tensor, prompt_ids: Tensor, max_new_tokens: int = 16) -> Tensor:
