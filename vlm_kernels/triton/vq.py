@@ -122,13 +122,15 @@ from ._target import sized_for_interpreter, sm_count
 BLOCK_M = 128
 SMALL_BLOCK_M = 64
 BIG_M_PROGRAMS = 264
-BLOCK_N = 64  # at most: the per-slot state (b1, b2, bt) costs 3 x BLOCK_M x BLOCK_N / threads registers
+BLOCK_N = 64  # at most: the per-slot state (b1, b2) costs 2 x BLOCK_M x BLOCK_N / threads registers
 FP16_BLOCK_N = 64
 RESIDENT_MAX_D = 256
 # The resident row tile and RESIDENT_STAGES code tiles share the SM's shared memory (227 KB on sm_90):
 # at D = 256 fp32, 128 KB + 3 x 32 KB (BLOCK_N = 32).
 RESIDENT_SMEM = 224 * 1024
 RESIDENT_STAGES = 3
+# Keys keep the tile number in their low mantissa bits; more than this would make the bound useless.
+MAX_TILE_BITS = 20
 LOOP_BLOCK_D = 32  # D chunk when x is not resident (64 spills on sm_90: ptxas -v of the 3.8 output)
 LOOP_STAGES = 2
 # D chunk of the float64 re-score of the candidates.
@@ -271,28 +273,27 @@ def _mma(a, b, acc, DOT_FP16: tl.constexpr):
 
 
 @triton.jit
-def _fold_tile(acc, pen_ptr, n0, cols, b1, b2, bt, L2: tl.constexpr):
-    """Fold one code tile into the per-slot state. Slot (row, j) sees the codes j, j + BLOCK_N, ...: ``b1``
-    is the smallest approximate score among them, ``bt`` the offset of its tile (the first tile on ties:
-    the lowest code), ``b2`` the second smallest. Six instructions per score (FFMA, FSETP, three min/max,
-    SEL) and nothing per row: no reduction across threads inside the code loop. Past-K and non-finite
-    codes score ``_BAD_SCORE`` (finite, so no NaN enters the min/max)."""
+def _fold_tile(acc, pen_ptr, n0, tile, cols, b1, b2, L2: tl.constexpr, TILE_BITS: tl.constexpr):
+    """Fold one code tile into the per-slot state. Slot (row, j) sees the codes j, j + BLOCK_N, ...; a key is
+    the fp32 approximate score with its ``TILE_BITS`` low mantissa bits replaced by the tile number, so one
+    float min keeps both: ``b1`` is the slot's smallest key, ``b2`` its second smallest. Five instructions
+    per score (FFMA, LOP3, three min/max) and nothing per row: no reduction across threads inside the code
+    loop. Past-K and non-finite codes score ``_BAD_SCORE`` (finite, so no NaN enters the min/max)."""
     pen = tl.load(pen_ptr + n0 + cols)  # padded with _BAD_SCORE to whole tiles
     if L2:
         score = pen[None, :] - 2.0 * acc
     else:
         score = pen[None, :] - acc
-    lt = score < b1
-    b2 = tl.minimum(b2, tl.maximum(b1, score))
-    b1 = tl.where(lt, score, b1)
-    bt = tl.where(lt, n0, bt)
-    return b1, b2, bt
+    key = ((score.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | tile).to(tl.float32, bitcast=True)
+    b2 = tl.minimum(b2, tl.maximum(b1, key))
+    b1 = tl.minimum(b1, key)
+    return b1, b2
 
 
 @triton.jit
 def _pop_smallest(b1, code):
-    """(smallest slot score of each row, its code, the slots with that entry removed); the lowest code among
-    equal scores."""
+    """(smallest slot key of each row, its code, the slots with that entry removed); the lowest code among
+    equal keys."""
     m = tl.min(b1, axis=1)
     j = tl.min(tl.where(b1 == m[:, None], code, _BIG), axis=1)
     return m, j, tl.where(code == j[:, None], float("inf"), b1)
@@ -382,7 +383,7 @@ def _vq_nearest_kernel(x_ptr, xp_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shif
                        dist_ptr, list_ptr, count_ptr, N, D, inner, K, tol_g, tol_h, tol_a, eps64, limit,
                        L2: tl.constexpr, DOT_FP16: tl.constexpr, SINGLE_D: tl.constexpr,
                        EVEN_D: tl.constexpr, EMULATE_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr, I64: tl.constexpr):
+                       TILE_BITS: tl.constexpr, BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr, I64: tl.constexpr):
     pid = _index(tl.program_id(0), I64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -397,21 +398,20 @@ def _vq_nearest_kernel(x_ptr, xp_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shif
     else:
         xa = tl.zeros([BLOCK_M, BLOCK_D], tl.float16 if DOT_FP16 else tl.float32)  # unused
 
-    # Code tiles. Per slot (row, column j of the tile): the smallest approximate score of the codes j, j +
-    # BLOCK_N, ... (b1, with its tile bt) and the second smallest (b2). After the loop each row's 6 smallest
+    # Code tiles. Per slot (row, column j of the tile): the smallest key (approximate score | tile number)
+    # of the codes j, j + BLOCK_N, ... (b1) and the second smallest (b2). After the loop each row's 6 smallest
     # slot minima are its candidates; a code outside them is a slot's non-best (score >= that slot's b2 >=
-    # bound = min b2) or a slot minimum not among the 6 (score >= s5): its score is >= min(s5, bound).
+    # bound = min b2) or a slot minimum not among the 6 (score >= s5): its key is >= min(s5, bound).
     inf = float("inf")
     cols = tl.arange(0, BLOCK_N)
     b1 = tl.full([BLOCK_M, BLOCK_N], inf, tl.float32)
     b2 = b1
-    bt = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     for n0 in range(0, K, BLOCK_N):
         acc = _tile_acc(xa, xp_ptr, cbp_ptr, xrow, row_ok, n0, cols, ds, D, EVEN_D, SINGLE_D, DOT_FP16,
                         EMULATE_TF32, I64, BLOCK_M, BLOCK_N, BLOCK_D)
-        b1, b2, bt = _fold_tile(acc, pen_ptr, n0, cols, b1, b2, bt, L2)
+        b1, b2 = _fold_tile(acc, pen_ptr, n0, n0 // BLOCK_N, cols, b1, b2, L2, TILE_BITS)
     bound = tl.min(b2, axis=1)
-    code = bt + cols[None, :]
+    code = (b1.to(tl.int32, bitcast=True) & ((1 << TILE_BITS) - 1)) * BLOCK_N + cols[None, :]
     s0, i0, b1 = _pop_smallest(b1, code)
     s1, i1, b1 = _pop_smallest(b1, code)
     s2, i2, b1 = _pop_smallest(b1, code)
@@ -467,8 +467,8 @@ def _vq_nearest_kernel(x_ptr, xp_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shif
     tl.store(idx_ptr + rows, tl.where(bad, 0, best_i).to(tl.int64), mask=row_ok)
     tl.store(dist_ptr + rows, tl.where(bad, float("nan"), dist.to(tl.float32)), mask=row_ok)
 
-    # Could a code outside the list be the true winner? Its approximate score is >= low = min(s5, bound), so
-    # its true score >= low - tol. The chosen code's true score in the same form is known: l2 |x - e|^2 - |x - c|^2, cosine
+    # Could a code outside the list be the true winner? Its key is >= low = min(s5, bound), so its score is
+    # >= low - |low| 2^(TILE_BITS - 22) (the key's low bits hold the tile) and its true score >= that - tol. The chosen code's true score in the same form is known: l2 |x - e|^2 - |x - c|^2, cosine
     # -cos |x| + x . m. If the bound exceeds it, no code outside the list can win (or tie); otherwise the
     # row is listed for the exact rescan.
     big_m = tl.load(bounds_ptr)  # max |prepared code|
@@ -482,6 +482,7 @@ def _vq_nearest_kernel(x_ptr, xp_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shif
         chosen = best_sc * nx + xm
         slack = eps64 * 2.0 * nx
     low = tl.minimum(s5, bound).to(tl.float64)
+    low = low - tl.abs(low) * (2.0 ** (TILE_BITS - 22))
     in_range = (xn + big_m) < limit  # NaN/inf fail: the approximate scores may have overflowed
     ambiguous = (best_i != _BIG) & (~(low - tol.to(tl.float64) > chosen + slack))
     flag = row_ok & finite & ((~in_range) | ambiguous)
@@ -898,6 +899,9 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
         tol_g = float("inf")
     if triton.cdiv(n, RESCAN_ROWS) >= 2**31:
         raise ValueError(f"vq_nearest: too many rows for the Triton kernels ({n})")
+    tile_bits = (triton.cdiv(K, bn) - 1).bit_length()  # the tile number in each key's low mantissa bits
+    if tile_bits > MAX_TILE_BITS:
+        raise ValueError(f"vq_nearest: codebook {tuple(codebook.shape)} has too many codes for the Triton kernels")
     flagged = torch.empty(n, dtype=torch.int64, device=x.device)
     i64 = _needs_int64(x, K, D, bm)
     emulate = bool(emulate_tf32) and not dot_fp16
@@ -909,7 +913,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
     args = (x, xp, codebook, prepared, penalty, center, shift, bounds, aux, indices, distances, flagged, count,
             n, D, inner, K, tol_g, tol_h, tol_a, (D + 8) * 2.0**-52, limit)
     meta = dict(L2=l2, DOT_FP16=dot_fp16, SINGLE_D=resident, EVEN_D=D == bd, EMULATE_TF32=emulate,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK), I64=i64,
+                BLOCK_M=bm, BLOCK_N=bn, TILE_BITS=tile_bits, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK), I64=i64,
                 num_warps=8 if bm >= 128 else 4, num_stages=RESIDENT_STAGES if resident else LOOP_STAGES)
     _launch_nearest((triton.cdiv(n, bm),), args, meta)
     _rescan(x, codebook, aux, flagged, count, indices, distances, D, inner, K, l2, interpreted,
