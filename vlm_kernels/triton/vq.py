@@ -8,8 +8,11 @@ Layout. ``x`` is viewed as ``(outer, D, inner)`` with ``D = x.shape[dim]``; row 
 element ``d`` at ``o * D * inner + d * inner + i`` (``dim = -1``: ``inner = 1``, plain rows). The kernels read
 ``x`` strided in place: no transposed copy is made. The codebook is ``(K, D)``.
 
-Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisation:
+Nearest code (:func:`vq_nearest`), three or four launches and no host synchronisation:
 
+0. ``_vq_prep_x_kernel``: the prepared rows ``xp = x - c`` (``c`` below), rounded to the dot's input format,
+   zeroed on rows with a NaN or an infinity, written contiguous (N, D) whatever x's layout (one read and one
+   write of x: 2 x 64 MB at N = 65536, D = 256 fp32, ~30 us of bandwidth on an H200).
 1. ``_vq_nearest_kernel``: one program per ``BLOCK_M`` rows walks the codebook in ``BLOCK_N``-code tiles.
    Each tile's scores come from ``tl.dot`` on tensor cores (TF32 for float32 and bfloat16 input, fp16 for
    float16 input; fp32 accumulation) on *centred* data, so that data far from the origin (``randn + 1000``)
@@ -17,29 +20,33 @@ Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisa
    (``|x - e|^2`` less a per-row constant); cosine scores ``-x . e_n + x . m = -c . (e_n - m) - (x - c) .
    (e_n - m)`` with ``e_n = e / max(|e|, eps)`` and ``m`` the mean of the ``e_n`` (``-|x| cos`` plus a per-row
    constant), the first term a per-code penalty prepared in float64. TF32 operands are rounded to the
-   nearest TF32 value first (the codebook once on the host side, ``x - c`` once per row tile), which the
+   nearest TF32 value first (the codebook once on the host side, ``x - c`` in the prepared rows), which the
    tensor cores then keep exactly: half the error of their own truncation.
 
-   Resident row tile. When D <= 256 (fp32/bf16; 512 for fp16) the program's ``x - c`` tile is staged once,
-   before the code loop, and stays in the wgmma A-operand registers (128 per thread for 128 rows of 256
-   fp32 at 8 warps); each code tile is one dot over the whole D, its [D, BLOCK_N] slice of the (zero-padded,
-   whole-tile) prepared codebook pipelined through shared memory (3 stages: 192 KB at D = 256). The first
-   tile is peeled out of the loop: the operand then has two users, which keeps Triton (3.6) from re-loading
-   it from a shared-memory copy in every iteration. Triton 3.2 and 3.8 re-load it anyway (320 KB of shared
-   memory), so releases outside ``RESIDENT_TRITON`` (3.3-3.6) stream x instead: D in chunks of ``LOOP_BLOCK_D``,
-   re-staged for every code tile (as does any larger D); a resident launch that runs out of resources
-   falls back to that too.
+   Resident row tile. When D <= 256 (fp32/bf16; 512 for fp16) the program's prepared row tile is loaded
+   once, before the code loop. It is loaded as is (no arithmetic between the load and the dot), so Triton
+   keeps it in shared memory and every tile's product is a wgmma with both operands in shared memory:
+   no registers hold it (108 at D = 256 fp32 with Triton 3.8, 102 with 3.6), on every Triton release (a
+   tile computed in registers, as before the prepared rows, stayed in registers on Triton 3.3-3.6 and was
+   re-loaded from a shared-memory copy in every iteration on 3.2 and 3.8, which then had to stream x). The
+   code tiles ([D, BLOCK_N] slices of the zero-padded, whole-tile prepared codebook) are pipelined through
+   shared memory beside it (3 stages); BLOCK_N is the largest <= 64 that fits 224 KB: 32 at D = 256 fp32
+   (128 KB + 3 x 32 KB). Larger D streams the prepared rows and codes in ``LOOP_BLOCK_D`` chunks; a resident
+   launch that runs out of resources falls back to that too.
 
-   Epilogue (per score: one FFMA, one LOP3, three FMNMX). Each score's ``INDEX_BITS = log2(BLOCK_N)`` low
-   mantissa bits are replaced by its column: one float min then gives the score and the code. One reduce
-   per tile yields each row's smallest and second-smallest key; the smallest joins a sorted 6-candidate
-   list (a where-chain insertion per row, amortised over the tile), the second lowers ``bound``. A code
-   outside the list is a tile's non-best (key >= that tile's second best >= ``bound``) or a tile-best pushed
-   out by six smaller keys (key >= ``s5``): every left-out key is >= ``low = min(s5, bound)``. After the
-   loop the 6 candidates are re-scored exactly in float64 on the original values (direct difference;
-   cosine ``x . e / (max(|x|, eps) max(|e|, eps))``), lowest index on ties.
+   Epilogue (per score: one FFMA, one LOP3, three FMNMX; nothing per row inside the code loop). Slot (row,
+   column j) sees the codes j, j + BLOCK_N, ... of that row. Each score's ``TILE_BITS = log2(K / BLOCK_N)``
+   low mantissa bits are replaced by its tile number (a *key*: one float min keeps the score and the code),
+   and each slot keeps its smallest and second-smallest key (``b1``, ``b2``) in the registers of the
+   accumulator's layout: no cross-thread reduction per tile. After the loop each row's 6 smallest ``b1``
+   are its candidates, and ``bound`` is its smallest ``b2``. A code outside the list is a slot's non-best
+   (key >= that slot's second best >= ``bound``) or a slot best left out of the 6 (key >= ``s5``): every
+   left-out key is >= ``low = min(s5, bound)``. The 6 candidates are re-scored exactly in float64 on the
+   original values (direct difference; cosine ``x . e / (max(|x|, eps) max(|e|, eps))``), lowest index on
+   ties. (Slots of 32 columns let a row's best codes share a slot more often than the former per-tile
+   top-2 with 64-code tiles did, which lowers ``bound``: more rows are flagged, see below.)
 2. Rigour. A per-row bound ``tol`` on the error of the approximate scores (below) decides whether the
-   candidates provably hold the true winner: a left-out code's score is >= ``low - |low| 2^(INDEX_BITS-22)``
+   candidates provably hold the true winner: a left-out code's score is >= ``low - |low| 2^(TILE_BITS-22)``
    (the key's low bits), hence its true score >= that - ``tol``; the chosen candidate's true score in the
    same form is known from the float64 re-score (l2: ``|x - e|^2 - |x - c|^2``, cosine: ``-cos |x| + x .
    m``). If the former exceeds it (plus a float64 rounding slack), no left-out code can win or tie.
@@ -65,9 +72,14 @@ accumulation of D exact products in any order (truncating adds allowed) errs by 
 subtraction: ``err <= (s g + 4u) |x - c| M + 4u P`` with ``M = max_k |p_k|`` and ``P = max_k |penalty_k|``.
 The kernel uses twice that (margin for tensor-core accumulation quirks), plus ``2^-22 sqrt(D) (|x - c| + M)``
 for fp16 subnormals and a ``2^-100`` floor for fp32 underflow. ``force_rescan=True`` flags every finite row.
-On random normal data at N = 65536, K = 8192, D = 256 (fp32, BLOCK_N = 64) a replica of this logic in
-PyTorch flags about 0.06% of the rows for l2 and 0.13% for cosine (with 4 candidates and TF32 truncation,
-as before: 1.1% and 0.8%).
+On random normal data at N = 65536, K = 8192, D = 256 (fp32, BLOCK_N = 64) a replica of the former
+per-tile logic in PyTorch flagged about 0.06% of the rows for l2 and 0.13% for cosine (with 4 candidates and
+TF32 truncation, earlier still: 1.1% and 0.8%). A cruder replica (exact scores standing in for the
+approximate ones, the same ``tol``; 6144 rows of randn against 8192 randn codes, D = 256, l2) flags 0.16%
+of the rows with that per-tile scheme and 0.44% with the present 32 slots (0.31% with 64 slots, 0.18% with
+128): the slot epilogue trades about three times as many rescanned rows (~290 of 65536; estimated
+40-70 us of float64 rescan on an H200, against ~1 ms for the lookup) for a third fewer instructions per
+code tile. Cosine: not replicated.
 
 Why TF32 for bfloat16 input rather than bf16 operands: the centred values ``x - c`` and ``e - c`` are no
 longer bf16 numbers, and bf16 operands (``u_p = 2^-8``) would make ``tol`` 8x wider than TF32 does, sending
@@ -78,8 +90,9 @@ the prepared copy and its penalty is ``2^126``, a finite score above any real on
 min/max reductions; keys that large hold no code); a row with a NaN or an infinity (found as ``sum(x_d * 0)``
 being NaN), or any row when no code is finite, gets index 0 and distance NaN.
 
-Extra memory: O(N + K D): the prepared (centred or normalised) codebook in the dot's input dtype padded to
-whole tiles, fp32 norms/penalties, float64 per-code norms, an int64 list of flagged rows, and the split
+Extra memory: O(N D + K D): the prepared rows (N x D in the dot's input dtype: as large as x for float32
+input, 64 MB at N = 65536, D = 256), the prepared (centred or normalised) codebook in the dot's input dtype
+padded to whole tiles, fp32 norms/penalties, float64 per-code norms, an int64 list of flagged rows, and the split
 rescan's per-range partials (at most RESCAN_CAP x 32 x 12 bytes = 1.5 MB).
 
 Per-code statistics (:func:`vq_code_stats`): one pass over ``x``, ``tl.atomic_add`` of each row into its
@@ -91,9 +104,14 @@ then int64: int64 addresses for every element of a tile made the main kernel spi
 
 Unmeasured: everything on a GPU (none was available to this work). The configurations are chosen by
 reasoning and by compiling for sm_90 without a GPU (a fake driver with ``GPUTarget("cuda", 90, 32)``; see
-``python -m benchmarks.compile_report``). At N = 65536, K = 8192, D = 256 fp32 with Triton 3.6: 255
-registers, no local memory, 192 KB shared memory, 32 HGMMA.64x64x8.F32.TF32 (A from registers) per code
-tile and 468 SASS instructions per thread per tile in all. The share of flagged rows on real (trained)
+``python -m benchmarks.compile_report``). At N = 65536, K = 8192, D = 256 fp32: Triton 3.8, 108 registers,
+no local memory, 224 KB shared memory, 32 HGMMA.64x32x8.F32.TF32 (both operands in shared memory) and 256
+SASS instructions per warp per 32-code tile in all (60 of them uniform descriptor arithmetic, 80 the
+per-score epilogue), 73,240 per warp for the whole program; Triton 3.6: 102 registers, 70,369. The report
+predicts 69-70% of the TF32 matmul rate (issue and tensor-core time added, the rescan left out). The
+former design (register-resident tile on 3.6, 468 per 64-code tile; streamed x on 3.8, 221,939 per
+program) was predicted at 70% and 44%; the H200 measured that 3.6 build at 38-43%
+(benchmarks/results/2026-11-30_h200_*), a gap the model does not explain (GPU_NOTES.md). The share of flagged rows on real (trained)
 codebooks and the float64 rescan's rate have not been measured. The tests run the kernels in the Triton
 interpreter, which computes ``tl.dot`` in full fp32 (``emulate_tf32=True`` truncates the operands to TF32
 there).
@@ -114,11 +132,11 @@ import triton.language as tl
 from ..reference.vq import COSINE_EPS
 from ._target import sized_for_interpreter, sm_count
 
-# Main kernel tiles. The row tile x - c stays resident (in the dot's operand registers) across code tiles
-# when D <= RESIDENT_MAX_D (fp32/tf32 operands; twice that for fp16 operands): BLOCK_M x D fp32 = 128
-# registers per thread at D = 256 and 8 warps. BLOCK_M rows with 8 warps when there are at least
-# BIG_M_PROGRAMS such programs (two waves on 132 SMs), else SMALL_BLOCK_M rows with 4 warps. Larger D
-# streams x in LOOP_BLOCK_D chunks for every code tile.
+# Main kernel tiles. The prepared row tile (x - c) stays resident in shared memory across code tiles when
+# D <= RESIDENT_MAX_D (fp32/tf32 operands; twice that for fp16 operands): BLOCK_M x D fp32 = 128 KB at
+# D = 256. BLOCK_M rows with 8 warps when there are at least BIG_M_PROGRAMS such programs (two waves on 132
+# SMs), else SMALL_BLOCK_M rows with 4 warps. Larger D streams the prepared rows in LOOP_BLOCK_D chunks for
+# every code tile.
 BLOCK_M = 128
 SMALL_BLOCK_M = 64
 BIG_M_PROGRAMS = 264
@@ -784,8 +802,8 @@ def _tolerances(D: int, metric: str, dot_fp16: bool) -> tuple[float, float, floa
     return tol_g, tol_h, tol_a, limit
 
 
-# Row-tile configurations whose resident variant did not fit the device (Triton versions differ in how
-# they stage the loop-invariant operand: 3.8 keeps a shared-memory copy next to the code-tile stages).
+# Row-tile configurations whose resident variant did not fit the device (a Triton version that staged the
+# loop-invariant operand differently could need more shared memory than the 224 KB planned for).
 _RESIDENT_FAILED: set = set()
 
 
