@@ -910,6 +910,9 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
         resident = bd >= D
     if resident and not interpreted and max_block_n is None:
         bn = _resident_block_n(bm, bd, bn, 2 if dot_fp16 else 4)
+    tile_bits = (triton.cdiv(K, bn) - 1).bit_length()  # the tile number in each key's low mantissa bits
+    if tile_bits > MAX_TILE_BITS:
+        raise ValueError(f"vq_nearest: codebook {tuple(codebook.shape)} has too many codes for the Triton kernels")
     prepared, penalty, center, shift, bounds, aux = _prepared_codebook(
         codebook, metric, torch.float16 if dot_fp16 else torch.float32, bn)
     tol_g, tol_h, tol_a, limit = _tolerances(D, metric, dot_fp16)
@@ -917,9 +920,6 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
         tol_g = float("inf")
     if triton.cdiv(n, RESCAN_ROWS) >= 2**31:
         raise ValueError(f"vq_nearest: too many rows for the Triton kernels ({n})")
-    tile_bits = (triton.cdiv(K, bn) - 1).bit_length()  # the tile number in each key's low mantissa bits
-    if tile_bits > MAX_TILE_BITS:
-        raise ValueError(f"vq_nearest: codebook {tuple(codebook.shape)} has too many codes for the Triton kernels")
     flagged = torch.empty(n, dtype=torch.int64, device=x.device)
     i64 = _needs_int64(x, K, D, bm)
     emulate = bool(emulate_tf32) and not dot_fp16
