@@ -368,17 +368,20 @@ def vq_cases() -> list[Case]:
     import vlm_kernels as vk
 
     n, k, d = 65536, 8192, 256
-    # Loops of the nearest kernel by body size: code tiles, the narrow D chunks of the norm and re-score
-    # passes (and the D chunks of the streamed variant). The rescan's loops depend on how many rows are
-    # flagged (data): left at one trip, a lower bound.
-    # (the first code tile is peeled out of the loop, hence k/BLOCK_N - 1 trips)
+    # Loops of the nearest kernel by body size: the code tiles, then the float64 re-score's D chunks (and,
+    # when x is streamed, the D chunks of each code tile). The prepared-rows kernel: its finite-row probe
+    # and its write, both over D chunks. The rescan's loops depend on how many rows are flagged (data):
+    # left at one trip, a lower bound.
     def nearest_trips(m):
-        tiles, rd = k // m["BLOCK_N"] - 1, d // m["RESCORE_D"]
+        tiles, rd = k // m["BLOCK_N"], d // m["RESCORE_D"]
         if m["SINGLE_D"]:
-            return {0: tiles, 1: rd, 2: rd, 3: rd}
-        return {0: tiles, 1: rd, 2: d // m["BLOCK_D"], 3: d // m["BLOCK_D"], 4: rd, 5: rd}
+            return {0: tiles, 1: rd}
+        return {0: tiles, 1: d // m["BLOCK_D"], 2: rd}
 
-    trips = {"_vq_nearest_kernel": nearest_trips}
+    def prep_trips(m):
+        return {0: -(-d // m["BLOCK_D"]), 1: -(-d // m["BLOCK_D"])}
+
+    trips = {"_vq_nearest_kernel": nearest_trips, "_vq_prep_x_kernel": prep_trips}
 
     def lookup():
         import torch

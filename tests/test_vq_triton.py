@@ -499,3 +499,24 @@ def test_prepared_codebook_is_reused_only_while_unchanged():
     finally:
         tvq._prepare_codebook = original
         tvq._PREPARED.clear()
+
+
+def test_resident_tiles_fit_shared_memory():
+    """The resident row tile plus RESIDENT_STAGES code tiles fit the planned shared memory: 32 codes per tile
+    at D = 256 fp32 with 128 rows (128 KB + 3 x 32 KB), the full 64 where D is small."""
+    assert tvq._resident_block_n(128, 256, 64, 4) == 32
+    assert tvq._resident_block_n(128, 512, 64, 2) == 32
+    assert tvq._resident_block_n(128, 64, 64, 4) == 64
+    for bm, bd, size in ((128, 256, 4), (64, 256, 4), (128, 512, 2), (64, 128, 4)):
+        bn = tvq._resident_block_n(bm, bd, 64, size)
+        assert (bm + tvq.RESIDENT_STAGES * bn) * bd * size <= tvq.RESIDENT_SMEM
+
+
+def test_too_many_code_tiles_is_refused(monkeypatch):
+    """Keys hold the tile number in their low mantissa bits: a codebook with more tiles than that allows is
+    refused by name before any kernel runs."""
+    monkeypatch.setattr(tvq, "MAX_TILE_BITS", 2)
+    x, cb = data((8, 16), torch.float32, 0.0, 41), data((100, 16), torch.float32, 0.0, 42)
+    with pytest.raises(ValueError, match="codebook"):
+        tvq.vq_nearest(x, cb, 1, "l2", max_block_n=16)  # 7 tiles: 3 bits
+    check(x, cb, 1, "l2", max_block_n=64)  # 2 tiles: 1 bit

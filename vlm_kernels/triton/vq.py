@@ -8,8 +8,11 @@ Layout. ``x`` is viewed as ``(outer, D, inner)`` with ``D = x.shape[dim]``; row 
 element ``d`` at ``o * D * inner + d * inner + i`` (``dim = -1``: ``inner = 1``, plain rows). The kernels read
 ``x`` strided in place: no transposed copy is made. The codebook is ``(K, D)``.
 
-Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisation:
+Nearest code (:func:`vq_nearest`), three or four launches and no host synchronisation:
 
+0. ``_vq_prep_x_kernel``: the prepared rows ``xp = x - c`` (``c`` below), rounded to the dot's input format,
+   zeroed on rows with a NaN or an infinity, written contiguous (N, D) whatever x's layout (one read and one
+   write of x: 2 x 64 MB at N = 65536, D = 256 fp32, ~30 us of bandwidth on an H200).
 1. ``_vq_nearest_kernel``: one program per ``BLOCK_M`` rows walks the codebook in ``BLOCK_N``-code tiles.
    Each tile's scores come from ``tl.dot`` on tensor cores (TF32 for float32 and bfloat16 input, fp16 for
    float16 input; fp32 accumulation) on *centred* data, so that data far from the origin (``randn + 1000``)
@@ -17,29 +20,33 @@ Nearest code (:func:`vq_nearest`), two or three launches and no host synchronisa
    (``|x - e|^2`` less a per-row constant); cosine scores ``-x . e_n + x . m = -c . (e_n - m) - (x - c) .
    (e_n - m)`` with ``e_n = e / max(|e|, eps)`` and ``m`` the mean of the ``e_n`` (``-|x| cos`` plus a per-row
    constant), the first term a per-code penalty prepared in float64. TF32 operands are rounded to the
-   nearest TF32 value first (the codebook once on the host side, ``x - c`` once per row tile), which the
+   nearest TF32 value first (the codebook once on the host side, ``x - c`` in the prepared rows), which the
    tensor cores then keep exactly: half the error of their own truncation.
 
-   Resident row tile. When D <= 256 (fp32/bf16; 512 for fp16) the program's ``x - c`` tile is staged once,
-   before the code loop, and stays in the wgmma A-operand registers (128 per thread for 128 rows of 256
-   fp32 at 8 warps); each code tile is one dot over the whole D, its [D, BLOCK_N] slice of the (zero-padded,
-   whole-tile) prepared codebook pipelined through shared memory (3 stages: 192 KB at D = 256). The first
-   tile is peeled out of the loop: the operand then has two users, which keeps Triton (3.6) from re-loading
-   it from a shared-memory copy in every iteration. Triton 3.2 and 3.8 re-load it anyway (320 KB of shared
-   memory), so releases outside ``RESIDENT_TRITON`` (3.3-3.6) stream x instead: D in chunks of ``LOOP_BLOCK_D``,
-   re-staged for every code tile (as does any larger D); a resident launch that runs out of resources
-   falls back to that too.
+   Resident row tile. When D <= 256 (fp32/bf16; 512 for fp16) the program's prepared row tile is loaded
+   once, before the code loop. It is loaded as is (no arithmetic between the load and the dot), so Triton
+   keeps it in shared memory and every tile's product is a wgmma with both operands in shared memory:
+   no registers hold it (108 at D = 256 fp32 with Triton 3.8, 102 with 3.6), on every Triton release (a
+   tile computed in registers, as before the prepared rows, stayed in registers on Triton 3.3-3.6 and was
+   re-loaded from a shared-memory copy in every iteration on 3.2 and 3.8, which then had to stream x). The
+   code tiles ([D, BLOCK_N] slices of the zero-padded, whole-tile prepared codebook) are pipelined through
+   shared memory beside it (3 stages); BLOCK_N is the largest <= 64 that fits 224 KB: 32 at D = 256 fp32
+   (128 KB + 3 x 32 KB). Larger D streams the prepared rows and codes in ``LOOP_BLOCK_D`` chunks; a resident
+   launch that runs out of resources falls back to that too.
 
-   Epilogue (per score: one FFMA, one LOP3, three FMNMX). Each score's ``INDEX_BITS = log2(BLOCK_N)`` low
-   mantissa bits are replaced by its column: one float min then gives the score and the code. One reduce
-   per tile yields each row's smallest and second-smallest key; the smallest joins a sorted 6-candidate
-   list (a where-chain insertion per row, amortised over the tile), the second lowers ``bound``. A code
-   outside the list is a tile's non-best (key >= that tile's second best >= ``bound``) or a tile-best pushed
-   out by six smaller keys (key >= ``s5``): every left-out key is >= ``low = min(s5, bound)``. After the
-   loop the 6 candidates are re-scored exactly in float64 on the original values (direct difference;
-   cosine ``x . e / (max(|x|, eps) max(|e|, eps))``), lowest index on ties.
+   Epilogue (per score: one FFMA, one LOP3, three FMNMX; nothing per row inside the code loop). Slot (row,
+   column j) sees the codes j, j + BLOCK_N, ... of that row. Each score's ``TILE_BITS = log2(K / BLOCK_N)``
+   low mantissa bits are replaced by its tile number (a *key*: one float min keeps the score and the code),
+   and each slot keeps its smallest and second-smallest key (``b1``, ``b2``) in the registers of the
+   accumulator's layout: no cross-thread reduction per tile. After the loop each row's 6 smallest ``b1``
+   are its candidates, and ``bound`` is its smallest ``b2``. A code outside the list is a slot's non-best
+   (key >= that slot's second best >= ``bound``) or a slot best left out of the 6 (key >= ``s5``): every
+   left-out key is >= ``low = min(s5, bound)``. The 6 candidates are re-scored exactly in float64 on the
+   original values (direct difference; cosine ``x . e / (max(|x|, eps) max(|e|, eps))``), lowest index on
+   ties. (Slots of 32 columns let a row's best codes share a slot more often than the former per-tile
+   top-2 with 64-code tiles did, which lowers ``bound``: more rows are flagged, see below.)
 2. Rigour. A per-row bound ``tol`` on the error of the approximate scores (below) decides whether the
-   candidates provably hold the true winner: a left-out code's score is >= ``low - |low| 2^(INDEX_BITS-22)``
+   candidates provably hold the true winner: a left-out code's score is >= ``low - |low| 2^(TILE_BITS-22)``
    (the key's low bits), hence its true score >= that - ``tol``; the chosen candidate's true score in the
    same form is known from the float64 re-score (l2: ``|x - e|^2 - |x - c|^2``, cosine: ``-cos |x| + x .
    m``). If the former exceeds it (plus a float64 rounding slack), no left-out code can win or tie.
@@ -65,9 +72,14 @@ accumulation of D exact products in any order (truncating adds allowed) errs by 
 subtraction: ``err <= (s g + 4u) |x - c| M + 4u P`` with ``M = max_k |p_k|`` and ``P = max_k |penalty_k|``.
 The kernel uses twice that (margin for tensor-core accumulation quirks), plus ``2^-22 sqrt(D) (|x - c| + M)``
 for fp16 subnormals and a ``2^-100`` floor for fp32 underflow. ``force_rescan=True`` flags every finite row.
-On random normal data at N = 65536, K = 8192, D = 256 (fp32, BLOCK_N = 64) a replica of this logic in
-PyTorch flags about 0.06% of the rows for l2 and 0.13% for cosine (with 4 candidates and TF32 truncation,
-as before: 1.1% and 0.8%).
+On random normal data at N = 65536, K = 8192, D = 256 (fp32, BLOCK_N = 64) a replica of the former
+per-tile logic in PyTorch flagged about 0.06% of the rows for l2 and 0.13% for cosine (with 4 candidates and
+TF32 truncation, earlier still: 1.1% and 0.8%). A cruder replica (exact scores standing in for the
+approximate ones, the same ``tol``; 6144 rows of randn against 8192 randn codes, D = 256, l2) flags 0.16%
+of the rows with that per-tile scheme and 0.44% with the present 32 slots (0.31% with 64 slots, 0.18% with
+128): the slot epilogue trades about three times as many rescanned rows (~290 of 65536; estimated
+40-70 us of float64 rescan on an H200, against ~1 ms for the lookup) for a third fewer instructions per
+code tile. Cosine: not replicated.
 
 Why TF32 for bfloat16 input rather than bf16 operands: the centred values ``x - c`` and ``e - c`` are no
 longer bf16 numbers, and bf16 operands (``u_p = 2^-8``) would make ``tol`` 8x wider than TF32 does, sending
@@ -78,8 +90,9 @@ the prepared copy and its penalty is ``2^126``, a finite score above any real on
 min/max reductions; keys that large hold no code); a row with a NaN or an infinity (found as ``sum(x_d * 0)``
 being NaN), or any row when no code is finite, gets index 0 and distance NaN.
 
-Extra memory: O(N + K D): the prepared (centred or normalised) codebook in the dot's input dtype padded to
-whole tiles, fp32 norms/penalties, float64 per-code norms, an int64 list of flagged rows, and the split
+Extra memory: O(N D + K D): the prepared rows (N x D in the dot's input dtype: as large as x for float32
+input, 64 MB at N = 65536, D = 256), the prepared (centred or normalised) codebook in the dot's input dtype
+padded to whole tiles, fp32 norms/penalties, float64 per-code norms, an int64 list of flagged rows, and the split
 rescan's per-range partials (at most RESCAN_CAP x 32 x 12 bytes = 1.5 MB).
 
 Per-code statistics (:func:`vq_code_stats`): one pass over ``x``, ``tl.atomic_add`` of each row into its
@@ -91,9 +104,14 @@ then int64: int64 addresses for every element of a tile made the main kernel spi
 
 Unmeasured: everything on a GPU (none was available to this work). The configurations are chosen by
 reasoning and by compiling for sm_90 without a GPU (a fake driver with ``GPUTarget("cuda", 90, 32)``; see
-``python -m benchmarks.compile_report``). At N = 65536, K = 8192, D = 256 fp32 with Triton 3.6: 255
-registers, no local memory, 192 KB shared memory, 32 HGMMA.64x64x8.F32.TF32 (A from registers) per code
-tile and 468 SASS instructions per thread per tile in all. The share of flagged rows on real (trained)
+``python -m benchmarks.compile_report``). At N = 65536, K = 8192, D = 256 fp32: Triton 3.8, 108 registers,
+no local memory, 224 KB shared memory, 32 HGMMA.64x32x8.F32.TF32 (both operands in shared memory) and 256
+SASS instructions per warp per 32-code tile in all (60 of them uniform descriptor arithmetic, 80 the
+per-score epilogue), 73,240 per warp for the whole program; Triton 3.6: 102 registers, 70,369. The report
+predicts 69-70% of the TF32 matmul rate (issue and tensor-core time added, the rescan left out). The
+former design (register-resident tile on 3.6, 468 per 64-code tile; streamed x on 3.8, 221,939 per
+program) was predicted at 70% and 44%; the H200 measured that 3.6 build at 38-43%
+(benchmarks/results/2026-11-30_h200_*), a gap the model does not explain (GPU_NOTES.md). The share of flagged rows on real (trained)
 codebooks and the float64 rescan's rate have not been measured. The tests run the kernels in the Triton
 interpreter, which computes ``tl.dot`` in full fp32 (``emulate_tf32=True`` truncates the operands to TF32
 there).
@@ -114,28 +132,30 @@ import triton.language as tl
 from ..reference.vq import COSINE_EPS
 from ._target import sized_for_interpreter, sm_count
 
-# Main kernel tiles. The row tile x - c stays resident (in the dot's operand registers) across code tiles
-# when D <= RESIDENT_MAX_D (fp32/tf32 operands; twice that for fp16 operands): BLOCK_M x D fp32 = 128
-# registers per thread at D = 256 and 8 warps. BLOCK_M rows with 8 warps when there are at least
-# BIG_M_PROGRAMS such programs (two waves on 132 SMs), else SMALL_BLOCK_M rows with 4 warps. Larger D
-# streams x in LOOP_BLOCK_D chunks for every code tile.
+# Main kernel tiles. The prepared row tile (x - c) stays resident in shared memory across code tiles when
+# D <= RESIDENT_MAX_D (fp32/tf32 operands; twice that for fp16 operands): BLOCK_M x D fp32 = 128 KB at
+# D = 256. BLOCK_M rows with 8 warps when there are at least BIG_M_PROGRAMS such programs (two waves on 132
+# SMs), else SMALL_BLOCK_M rows with 4 warps. Larger D streams the prepared rows in LOOP_BLOCK_D chunks for
+# every code tile.
 BLOCK_M = 128
 SMALL_BLOCK_M = 64
 BIG_M_PROGRAMS = 264
-BLOCK_N = 64
-FP16_BLOCK_N = 128  # fp16 operands: half the x registers, so twice the codes per tile (same 64 KB per stage)
+BLOCK_N = 64  # at most: the per-slot state (b1, b2) costs 2 x BLOCK_M x BLOCK_N / threads registers
+FP16_BLOCK_N = 64
 RESIDENT_MAX_D = 256
-# Triton releases whose sm_90 build keeps the resident operand in registers, checked offline at D = 256
-# fp32: 3.3.1 and 3.4.0 (255 registers, 80-120 B of spills outside the code loop), 3.5.1 and 3.6.0 (no
-# spills), all with 192 KB of shared memory. 3.2.0 and 3.8.0 keep a shared-memory copy of it and re-load
-# it in every iteration: 320 KB, more than an SM has. Other releases stream x (and a resident launch that
-# runs out of resources anyway falls back to streaming).
-RESIDENT_TRITON = ((3, 3), (3, 7))  # [from, to)
-RESIDENT_STAGES = 3  # 3 x (256 x 64 fp32) = 192 KB of code tiles in flight at D = 256
+# The resident row tile and RESIDENT_STAGES code tiles share the SM's shared memory (227 KB on sm_90):
+# at D = 256 fp32, 128 KB + 3 x 32 KB (BLOCK_N = 32).
+RESIDENT_SMEM = 224 * 1024
+RESIDENT_STAGES = 3
+# Keys keep the tile number in their low mantissa bits; more than this would make the bound useless.
+MAX_TILE_BITS = 20
 LOOP_BLOCK_D = 32  # D chunk when x is not resident (64 spills on sm_90: ptxas -v of the 3.8 output)
 LOOP_STAGES = 2
 # D chunk of the float64 re-score of the candidates.
-RESCORE_CHUNK = 16
+RESCORE_CHUNK = 8  # (its loop's body stays smaller than the code loop's: see compile_report's VQ trips)
+# Prepared rows (x - c in the dot's input dtype): PREP_ROWS rows x PREP_BLOCK_D per step.
+PREP_ROWS = 64
+PREP_BLOCK_D = 64
 # Float64 rescan: BLOCK_R rows x RESCAN_CODES codes x RESCAN_CHUNK of D per step. While at most RESCAN_CAP
 # rows are flagged, the codebook is split into up to RESCAN_MAX_SPLITS ranges of >= RESCAN_SPLIT_CODES
 # codes, each range a separate work item; RESCAN_PROGRAMS_PER_SM programs per SM loop over the items.
@@ -271,75 +291,39 @@ def _mma(a, b, acc, DOT_FP16: tl.constexpr):
 
 
 @triton.jit
-def _top2(a1, a2, b1, b2):
-    """Combine of a running (smallest, second smallest) pair. The second slot starts as NaN, which min()
-    ignores, so the per-element step folds to three min/max."""
-    lo = tl.minimum(a1, b1)
-    hi = tl.maximum(a1, b1)
-    return lo, tl.minimum(hi, tl.minimum(a2, b2))
-
-
-@triton.jit
-def _tile_keys(acc, pen, cols, L2: tl.constexpr, INDEX_BITS: tl.constexpr):
-    """Per row of one code tile: the smallest key and the second smallest key.
-
-    A key is the fp32 approximate score with its ``INDEX_BITS`` low mantissa bits replaced by the code's
-    column in the tile, so one float min yields both the score and the code. The key differs from the
-    score by less than 2^(INDEX_BITS - 23) of its magnitude (folded into the bound); past-K and non-finite
-    codes score ``_BAD_SCORE`` (finite, so no NaN enters the min)."""
+def _fold_tile(acc, pen_ptr, n0, tile, cols, b1, b2, L2: tl.constexpr, TILE_BITS: tl.constexpr):
+    """Fold one code tile into the per-slot state. Slot (row, j) sees the codes j, j + BLOCK_N, ...; a key is
+    the fp32 approximate score with its ``TILE_BITS`` low mantissa bits replaced by the tile number, so one
+    float min keeps both: ``b1`` is the slot's smallest key, ``b2`` its second smallest. Five instructions
+    per score (FFMA, LOP3, three min/max) and nothing per row: no reduction across threads inside the code
+    loop. Past-K and non-finite codes score ``_BAD_SCORE`` (finite, so no NaN enters the min/max)."""
+    pen = tl.load(pen_ptr + n0 + cols)  # padded with _BAD_SCORE to whole tiles
     if L2:
         score = pen[None, :] - 2.0 * acc
     else:
         score = pen[None, :] - acc
-    bits = score.to(tl.int32, bitcast=True)
-    key = ((bits & -(1 << INDEX_BITS)) | cols[None, :]).to(tl.float32, bitcast=True)
-    return tl.reduce((key, tl.full(key.shape, float("nan"), tl.float32)), 1, _top2)
+    key = ((score.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | tile).to(tl.float32, bitcast=True)
+    b2 = tl.minimum(b2, tl.maximum(b1, key))
+    b1 = tl.minimum(b1, key)
+    return b1, b2
 
 
 @triton.jit
-def _insert(s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, m, k):
-    """Insert (m, k) into the sorted (s0 <= ... <= s5) candidate list; strict ``<`` keeps an equal earlier
-    key ahead, and a NaN ``m`` inserts nothing."""
-    b0 = m < s0
-    b1 = m < s1
-    b2 = m < s2
-    b3 = m < s3
-    b4 = m < s4
-    b5 = m < s5
-    n5 = tl.where(b4, s4, tl.where(b5, m, s5))
-    j5 = tl.where(b4, i4, tl.where(b5, k, i5))
-    n4 = tl.where(b3, s3, tl.where(b4, m, s4))
-    j4 = tl.where(b3, i3, tl.where(b4, k, i4))
-    n3 = tl.where(b2, s2, tl.where(b3, m, s3))
-    j3 = tl.where(b2, i2, tl.where(b3, k, i3))
-    n2 = tl.where(b1, s1, tl.where(b2, m, s2))
-    j2 = tl.where(b1, i1, tl.where(b2, k, i2))
-    n1 = tl.where(b0, s0, tl.where(b1, m, s1))
-    j1 = tl.where(b0, i0, tl.where(b1, k, i1))
-    n0 = tl.where(b0, m, s0)
-    j0 = tl.where(b0, k, i0)
-    return n0, n1, n2, n3, n4, n5, j0, j1, j2, j3, j4, j5
+def _pop_smallest(b1, code):
+    """(smallest slot key of each row, its code, the slots with that entry removed); the lowest code among
+    equal keys."""
+    m = tl.min(b1, axis=1)
+    j = tl.min(tl.where(b1 == m[:, None], code, _BIG), axis=1)
+    return m, j, tl.where(code == j[:, None], float("inf"), b1)
 
 
 @triton.jit
-def _fold_tile(acc, pen_ptr, n0, cols, s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound, L2: tl.constexpr,
-               INDEX_BITS: tl.constexpr):
-    """Fold one code tile into a row's state: its best key joins the 6-candidate list, its second best
-    lowers ``bound`` (every other code of the tile scores at least that)."""
-    pen = tl.load(pen_ptr + n0 + cols)  # padded with _BAD_SCORE to whole tiles
-    m1, m2 = _tile_keys(acc, pen, cols, L2, INDEX_BITS)
-    j = n0 + (m1.to(tl.int32, bitcast=True) & ((1 << INDEX_BITS) - 1))
-    s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5 = _insert(s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, m1, j)
-    return s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, tl.minimum(bound, m2)
-
-
-@triton.jit
-def _tile_acc(xa, x_ptr, center_ptr, cbp_ptr, base, row_ok, finite, n0, cols, ds, inner, K, D,
+def _tile_acc(xa, xp_ptr, cbp_ptr, xrow, row_ok, n0, cols, ds, D,
               EVEN_D: tl.constexpr, SINGLE_D: tl.constexpr, DOT_FP16: tl.constexpr, EMULATE_TF32: tl.constexpr,
               I64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(x - c) . prepared codes for one [BLOCK_M, BLOCK_N] tile: one dot on the resident row tile ``xa``,
-    or (D > BLOCK_D) a loop over D chunks that re-stages x."""
+    or (D > BLOCK_D) a loop over D chunks of the prepared rows."""
     if SINGLE_D:
         acc = _mma(xa, _code_block_t(cbp_ptr, n0, cols, ds, D, EVEN_D, EMULATE_TF32, I64),
                    tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP16)
@@ -347,10 +331,22 @@ def _tile_acc(xa, x_ptr, center_ptr, cbp_ptr, base, row_ok, finite, n0, cols, ds
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + ds
-            a = _dot_operand(x_ptr, center_ptr, base, dd, row_ok, finite, inner, D, DOT_FP16, EMULATE_TF32)
+            a = _load_prepared_x(xp_ptr, xrow, row_ok, dd, D, False, I64)
             acc = _mma(a, _code_block_t(cbp_ptr, n0, cols, dd, D, False, EMULATE_TF32, I64), acc,
                        DOT_FP16)
     return acc
+
+
+@triton.jit
+def _load_prepared_x(xp_ptr, xrow, row_ok, dd, D, EVEN_D: tl.constexpr, I64: tl.constexpr):
+    """The [rows, dd] block of the prepared rows (x - c in the dot's input dtype, 0 on non-finite rows),
+    loaded as is: with no arithmetic on it, the dot takes it from shared memory (wgmma with both operands
+    in shared memory) and no registers hold it across the code loop."""
+    offs = xrow[:, None] + _index(dd, I64)[None, :]
+    if EVEN_D:
+        return tl.load(xp_ptr + offs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(xp_ptr + offs, mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -383,59 +379,66 @@ def _rescore(acc, cand, s, nx, aux_ptr, best_sc, best_i, L2: tl.constexpr):
 
 
 @triton.jit
-def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, bounds_ptr, aux_ptr, idx_ptr, dist_ptr,
-                       list_ptr, count_ptr, N, D, inner, K, tol_g, tol_h, tol_a, eps64, limit,
+def _vq_prep_x_kernel(x_ptr, center_ptr, xp_ptr, N, D, inner, DOT_FP16: tl.constexpr, EMULATE_TF32: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr):
+    """Prepared rows: ``xp[r, :] = x - c`` rounded to the dot's input format (nearest TF32, or fp16), 0 on rows
+    with a NaN or an infinity; contiguous (N, D) whatever x's layout."""
+    pid = _index(tl.program_id(0), I64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    base = _row_bases(rows, inner, D)
+    ds = tl.arange(0, BLOCK_D)
+    finite = _finite_rows(x_ptr, base, row_ok, ds, inner, D, BLOCK_D)
+    xrow = rows * D
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + ds
+        a = _dot_operand(x_ptr, center_ptr, base, dd, row_ok, finite, inner, D, DOT_FP16, EMULATE_TF32)
+        tl.store(xp_ptr + xrow[:, None] + _index(dd, I64)[None, :], a, mask=row_ok[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
+def _vq_nearest_kernel(x_ptr, xp_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, bounds_ptr, aux_ptr, idx_ptr,
+                       dist_ptr, list_ptr, count_ptr, N, D, inner, K, tol_g, tol_h, tol_a, eps64, limit,
                        L2: tl.constexpr, DOT_FP16: tl.constexpr, SINGLE_D: tl.constexpr,
                        EVEN_D: tl.constexpr, EMULATE_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       INDEX_BITS: tl.constexpr,
-                       BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr, I64: tl.constexpr):
+                       TILE_BITS: tl.constexpr, BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr, I64: tl.constexpr):
     pid = _index(tl.program_id(0), I64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     base = _row_bases(rows, inner, D)
+    xrow = rows * D  # offset of the row in the prepared (N, D) rows
     ds = tl.arange(0, BLOCK_D)
-
-    # Pass 1: whether the row is finite (sum of x * 0 is NaN otherwise). Row values needed after the code
-    # loop (|x - c|, finiteness) are recomputed there: registers are what the loop is short of.
     ds2 = tl.arange(0, RESCORE_D)  # narrow chunks outside the tile loop keep register pressure low
-    finite = _finite_rows(x_ptr, base, row_ok, ds2, inner, D, RESCORE_D)
-    # SINGLE_D: the row tile x - c is staged once, in the dot's operand registers, for every code tile.
-    xa = _dot_operand(x_ptr, center_ptr, base, ds, row_ok, finite, inner, D, DOT_FP16, EMULATE_TF32)
 
-    # Pass 2: code tiles. Per row: the 6 smallest tile-best keys with their codes, and ``bound``, the
-    # smallest tile-second-best key. A code outside the list is a tile's non-best (key >= that tile's
-    # second best >= bound) or a tile-best pushed out by 6 smaller keys (key >= s5): its key is >=
-    # min(s5, bound). The first tile is peeled: the resident operand then has two users, which keeps
-    # Triton (3.6) from re-loading it from shared memory inside the loop.
+    # SINGLE_D: the prepared row tile is loaded once, before the code loop (the dot keeps it in shared memory).
+    if SINGLE_D:
+        xa = _load_prepared_x(xp_ptr, xrow, row_ok, ds, D, EVEN_D, I64)
+    else:
+        xa = tl.zeros([BLOCK_M, BLOCK_D], tl.float16 if DOT_FP16 else tl.float32)  # unused
+
+    # Code tiles. Per slot (row, column j of the tile): the smallest key (approximate score | tile number)
+    # of the codes j, j + BLOCK_N, ... (b1) and the second smallest (b2). After the loop each row's 6 smallest
+    # slot minima are its candidates; a code outside them is a slot's non-best (score >= that slot's b2 >=
+    # bound = min b2) or a slot minimum not among the 6 (score >= s5): its key is >= min(s5, bound).
     inf = float("inf")
-    s0 = tl.full([BLOCK_M], inf, tl.float32)
-    s1 = s0
-    s2 = s0
-    s3 = s0
-    s4 = s0
-    s5 = s0
-    bound = s0
-    i0 = tl.zeros([BLOCK_M], tl.int32)
-    i1 = i0
-    i2 = i0
-    i3 = i0
-    i4 = i0
-    i5 = i0
     cols = tl.arange(0, BLOCK_N)
-    acc = _tile_acc(xa, x_ptr, center_ptr, cbp_ptr, base, row_ok, finite, 0, cols, ds, inner, K, D, EVEN_D,
-                    SINGLE_D, DOT_FP16, EMULATE_TF32, I64, BLOCK_M, BLOCK_N, BLOCK_D)
-    s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound = _fold_tile(
-        acc, pen_ptr, 0, cols, s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound, L2, INDEX_BITS)
-    for n0 in range(BLOCK_N, K, BLOCK_N):
-        # (Issuing the next tile's product before this epilogue does not overlap them: Triton 3.6 waits for
-        # the wgmma right away, and the second accumulator costs registers.)
-        acc = _tile_acc(xa, x_ptr, center_ptr, cbp_ptr, base, row_ok, finite, n0, cols, ds, inner, K, D, EVEN_D,
-                        SINGLE_D, DOT_FP16, EMULATE_TF32, I64, BLOCK_M, BLOCK_N, BLOCK_D)
-        s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound = _fold_tile(
-            acc, pen_ptr, n0, cols, s0, s1, s2, s3, s4, s5, i0, i1, i2, i3, i4, i5, bound, L2, INDEX_BITS)
+    b1 = tl.full([BLOCK_M, BLOCK_N], inf, tl.float32)
+    b2 = b1
+    for n0 in range(0, K, BLOCK_N):
+        acc = _tile_acc(xa, xp_ptr, cbp_ptr, xrow, row_ok, n0, cols, ds, D, EVEN_D, SINGLE_D, DOT_FP16,
+                        EMULATE_TF32, I64, BLOCK_M, BLOCK_N, BLOCK_D)
+        b1, b2 = _fold_tile(acc, pen_ptr, n0, n0 // BLOCK_N, cols, b1, b2, L2, TILE_BITS)
+    bound = tl.min(b2, axis=1)
+    code = (b1.to(tl.int32, bitcast=True) & ((1 << TILE_BITS) - 1)) * BLOCK_N + cols[None, :]
+    s0, i0, b1 = _pop_smallest(b1, code)
+    s1, i1, b1 = _pop_smallest(b1, code)
+    s2, i2, b1 = _pop_smallest(b1, code)
+    s3, i3, b1 = _pop_smallest(b1, code)
+    s4, i4, b1 = _pop_smallest(b1, code)
+    s5, i5, b1 = _pop_smallest(b1, code)
 
     # Exact float64 re-score of the candidates on the original values; |x - c| in fp32 for the bound.
-    finite = _finite_rows(x_ptr, base, row_ok, ds2, inner, D, RESCORE_D)
+    probe = tl.zeros([BLOCK_M], tl.float32)  # sum of x * 0: NaN on rows with a NaN or an infinity
     sq = tl.zeros([BLOCK_M], tl.float32)
     a0 = tl.zeros([BLOCK_M], tl.float64)
     a1 = a0
@@ -448,6 +451,7 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
     for d0 in range(0, D, RESCORE_D):
         dd = d0 + ds2
         xv = _load_x(x_ptr, base, dd, row_ok, inner, D)
+        probe += tl.sum(xv.to(tl.float32) * 0.0, axis=1)
         xc32 = xv.to(tl.float32) - tl.load(center_ptr + dd, mask=dd < D, other=0.0)[None, :]
         sq += tl.sum(xc32 * xc32, axis=1)
         x64 = _f64(xv)
@@ -463,6 +467,7 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
         a3 += _code_partial(cb_ptr, i3, x64, dd, D, L2, I64)
         a4 += _code_partial(cb_ptr, i4, x64, dd, D, L2, I64)
         a5 += _code_partial(cb_ptr, i5, x64, dd, D, L2, I64)
+    finite = probe == 0.0
     nx = tl.maximum(tl.sqrt(xx), _EPS)  # fp64 sqrt is correctly rounded
     best_sc = tl.full([BLOCK_M], inf, tl.float64)
     best_i = tl.full([BLOCK_M], _BIG, tl.int32)
@@ -481,8 +486,7 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
     tl.store(dist_ptr + rows, tl.where(bad, float("nan"), dist.to(tl.float32)), mask=row_ok)
 
     # Could a code outside the list be the true winner? Its key is >= low = min(s5, bound), so its score is
-    # >= low - |low| 2^(INDEX_BITS - 22) (the key's low bits hold the column) and its true score >= that
-    # - tol. The chosen code's true score in the same form is known: l2 |x - e|^2 - |x - c|^2, cosine
+    # >= low - |low| 2^(TILE_BITS - 22) (the key's low bits hold the tile) and its true score >= that - tol. The chosen code's true score in the same form is known: l2 |x - e|^2 - |x - c|^2, cosine
     # -cos |x| + x . m. If the bound exceeds it, no code outside the list can win (or tie); otherwise the
     # row is listed for the exact rescan.
     big_m = tl.load(bounds_ptr)  # max |prepared code|
@@ -496,7 +500,7 @@ def _vq_nearest_kernel(x_ptr, cb_ptr, cbp_ptr, pen_ptr, center_ptr, shift_ptr, b
         chosen = best_sc * nx + xm
         slack = eps64 * 2.0 * nx
     low = tl.minimum(s5, bound).to(tl.float64)
-    low = low - tl.abs(low) * (2.0 ** (INDEX_BITS - 22))
+    low = low - tl.abs(low) * (2.0 ** (TILE_BITS - 22))
     in_range = (xn + big_m) < limit  # NaN/inf fail: the approximate scores may have overflowed
     ambiguous = (best_i != _BIG) & (~(low - tol.to(tl.float64) > chosen + slack))
     flag = row_ok & finite & ((~in_range) | ambiguous)
@@ -681,6 +685,14 @@ def _block_d(D: int, max_block_d: int, floor: int) -> int:
     return max(floor, min(limit, triton.next_power_of_2(D)))
 
 
+def _resident_block_n(bm: int, bd: int, bn: int, size: int) -> int:
+    """The largest code tile <= ``bn`` whose RESIDENT_STAGES stages fit in shared memory beside the resident
+    row tile (BLOCK_M x BLOCK_D in the dot's input dtype): 32 codes at D = 256 fp32 (128 + 3 x 32 KB)."""
+    while bn > _MIN_DOT and (bm + RESIDENT_STAGES * bn) * bd * size > RESIDENT_SMEM:
+        bn //= 2
+    return bn
+
+
 def _needs_int64(x: torch.Tensor, K: int, D: int, block_rows: int) -> bool:
     """Whether an element offset into x or the (K, D) codebook (masked tail rows included) can reach 2^31."""
     return x.numel() + 2 * block_rows * D >= 2**31 or (K + 1024) * D >= 2**31
@@ -790,13 +802,10 @@ def _tolerances(D: int, metric: str, dot_fp16: bool) -> tuple[float, float, floa
     return tol_g, tol_h, tol_a, limit
 
 
-# Row-tile configurations whose resident variant did not fit the device (Triton versions differ in how
-# they stage the loop-invariant operand: 3.8 keeps a shared-memory copy next to the code-tile stages).
+# Row-tile configurations whose resident variant did not fit the device (a Triton version that staged the
+# loop-invariant operand differently could need more shared memory than the 224 KB planned for).
 _RESIDENT_FAILED: set = set()
 
-
-def _triton_version() -> tuple[int, int]:
-    return tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def _launch_nearest(grid, args, meta) -> None:
@@ -809,7 +818,7 @@ def _launch_nearest(grid, args, meta) -> None:
         except triton.runtime.errors.OutOfResources:
             _RESIDENT_FAILED.add(key)
     if meta["SINGLE_D"]:
-        D = args[13]
+        D = args[14]
         bd = min(LOOP_BLOCK_D, meta["BLOCK_D"])
         meta = dict(meta, SINGLE_D=bd >= D, EVEN_D=D == bd, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK),
                     num_stages=LOOP_STAGES)
@@ -894,12 +903,16 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
     bn_max = max_block_n or (INTERPRETER_BLOCK_N if interpreted else FP16_BLOCK_N if dot_fp16 else BLOCK_N)
     bn = max(_MIN_DOT, min(_pow2_floor(bn_max), triton.next_power_of_2(K)))
     if max_block_d is None:
-        resident = D <= RESIDENT_MAX_D * (2 if dot_fp16 else 1) and (
-            interpreted or RESIDENT_TRITON[0] <= _triton_version() < RESIDENT_TRITON[1] or D <= LOOP_BLOCK_D)
+        resident = D <= RESIDENT_MAX_D * (2 if dot_fp16 else 1)
         bd = max(_MIN_DOT, triton.next_power_of_2(D)) if resident else (64 if interpreted else LOOP_BLOCK_D)
     else:
         bd = _block_d(D, max_block_d, _MIN_DOT)
         resident = bd >= D
+    if resident and not interpreted and max_block_n is None:
+        bn = _resident_block_n(bm, bd, bn, 2 if dot_fp16 else 4)
+    tile_bits = (triton.cdiv(K, bn) - 1).bit_length()  # the tile number in each key's low mantissa bits
+    if tile_bits > MAX_TILE_BITS:
+        raise ValueError(f"vq_nearest: codebook {tuple(codebook.shape)} has too many codes for the Triton kernels")
     prepared, penalty, center, shift, bounds, aux = _prepared_codebook(
         codebook, metric, torch.float16 if dot_fp16 else torch.float32, bn)
     tol_g, tol_h, tol_a, limit = _tolerances(D, metric, dot_fp16)
@@ -908,12 +921,17 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str, *
     if triton.cdiv(n, RESCAN_ROWS) >= 2**31:
         raise ValueError(f"vq_nearest: too many rows for the Triton kernels ({n})")
     flagged = torch.empty(n, dtype=torch.int64, device=x.device)
-    args = (x, codebook, prepared, penalty, center, shift, bounds, aux, indices, distances, flagged, count,
+    i64 = _needs_int64(x, K, D, bm)
+    emulate = bool(emulate_tf32) and not dot_fp16
+    xp = torch.empty(n, D, dtype=torch.float16 if dot_fp16 else torch.float32, device=x.device)
+    prep_d = min(PREP_BLOCK_D, max(_MIN_DOT, triton.next_power_of_2(D)))
+    _vq_prep_x_kernel[(triton.cdiv(n, PREP_ROWS),)](x, center, xp, n, D, inner, DOT_FP16=dot_fp16,
+                                                     EMULATE_TF32=emulate, BLOCK_R=PREP_ROWS, BLOCK_D=prep_d,
+                                                     I64=i64, num_warps=4)
+    args = (x, xp, codebook, prepared, penalty, center, shift, bounds, aux, indices, distances, flagged, count,
             n, D, inner, K, tol_g, tol_h, tol_a, (D + 8) * 2.0**-52, limit)
-    meta = dict(L2=l2, DOT_FP16=dot_fp16, SINGLE_D=resident, EVEN_D=D == bd,
-                EMULATE_TF32=bool(emulate_tf32) and not dot_fp16,
-                BLOCK_M=bm, BLOCK_N=bn, INDEX_BITS=bn.bit_length() - 1, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK),
-                I64=_needs_int64(x, K, D, bm),
+    meta = dict(L2=l2, DOT_FP16=dot_fp16, SINGLE_D=resident, EVEN_D=D == bd, EMULATE_TF32=emulate,
+                BLOCK_M=bm, BLOCK_N=bn, TILE_BITS=tile_bits, BLOCK_D=bd, RESCORE_D=min(bd, RESCORE_CHUNK), I64=i64,
                 num_warps=8 if bm >= 128 else 4, num_stages=RESIDENT_STAGES if resident else LOOP_STAGES)
     _launch_nearest((triton.cdiv(n, bm),), args, meta)
     _rescan(x, codebook, aux, flagged, count, indices, distances, D, inner, K, l2, interpreted,
