@@ -3,7 +3,9 @@
 Environment:
   VLM_KERNELS_NO_EXT=1      pure-Python install (reference and Triton backends only)
   VLM_KERNELS_CUDA=0|1      force the CUDA sources off / on (default: on when nvcc and torch.version.cuda exist)
-  VLM_KERNELS_NATIVE=0      build the CPU kernels without -march=native (portable binaries)
+  VLM_KERNELS_NATIVE=1      compile with -march=native (a binary for this machine only; the default build
+                            is portable: every CPU kernel is compiled for the baseline, AVX2 and AVX-512,
+                            and the level is picked at load time, see csrc/cpu/isa.h)
   TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME are honoured as torch.utils.cpp_extension does.
 """
 
@@ -60,6 +62,14 @@ def want_extension() -> bool:
     return True
 
 
+def cpu_sources() -> list[str]:
+    """The baseline objects first, then the AVX2 builds, then the AVX-512 ones: the linker keeps the first
+    copy of an inline function compiled at several levels, so shared code is the lowest level's
+    (csrc/cpu/isa.h)."""
+    levels = [sorted(glob.glob(os.path.join("csrc", folder, "*.cpp"))) for folder in ("cpu", "cpu_avx2", "cpu_avx512")]
+    return ["csrc/bindings.cpp"] + levels[0] + levels[1] + levels[2]
+
+
 def build_config():
     cuda_home = find_cuda_home()
     if cuda_home:
@@ -76,8 +86,8 @@ def build_config():
     else:
         with_cuda = bool(cuda_home and torch.version.cuda)
 
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
-    native = os.environ.get("VLM_KERNELS_NATIVE", "1") not in ("0", "false", "no")
+    sources = cpu_sources()
+    native = os.environ.get("VLM_KERNELS_NATIVE", "0") in ("1", "true", "yes")
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch >= 2.10).
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + (["-march=native"] if native else [])
     extra = {"cxx": cxx_flags}

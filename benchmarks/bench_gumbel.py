@@ -121,6 +121,22 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     return out
 
 
+def scaling_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """Forward soft sample of (N, 8192) rows, dim=-1, for growing N."""
+    gpu = device.type == "cuda"
+    rows = (256, 1024) if quick else ((1024, 4096, 16384, 65536) if gpu else (256, 1024, 4096, 16384))
+    out = []
+    for n in rows:
+        shape = (n, 8192)
+        impls = {"vlm_kernels": _call(_ours, shape, -1, "fwd soft", device, torch.float32),
+                 "F.gumbel_softmax": _call(_torch, shape, -1, "fwd soft", device, torch.float32),
+                 "torch.softmax": _call(_softmax, shape, -1, "fwd soft", device, torch.float32)}
+        out.append(Case("gumbel_softmax", f"({n},8192) dim=-1", "fwd soft", "float32", "vlm_kernels", impls,
+                        floor_bytes=n * 8192 * 8, repeats=5, scaling_group="Gumbel-softmax fwd, (N, 8192) dim=-1",
+                        size=n, size_label="N (rows of 8192 logits)"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # pytest-benchmark suite (quick shapes; the runner covers the full ones).
 

@@ -364,6 +364,24 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     return out
 
 
+def scaling_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """The op alone at Swin-T stage 1 (56x56, C=96, 3 heads), forward, for growing batch."""
+    gpu = device.type == "cuda"
+    label, res, dim, heads = STAGES[0]
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batches = (1, 2) if quick else ((4, 16, 64, 256) if gpu else (1, 2, 4, 8))
+    out = []
+    for b in batches:
+        impls = {name: _op_call(kind, b, res, dim, heads, "fwd", device, dtype)
+                 for name, kind in OP_IMPLS.items() if kind in ("ours", "eager", "sdpa")}
+        tokens = b * res[0] * res[1]
+        out.append(Case("window_attention op", f"{label} B={b}", "fwd", str(dtype).replace("torch.", ""),
+                        "vlm_kernels", impls, floor_bytes=tokens * dim * (torch.finfo(dtype).bits // 8) * 4,
+                        repeats=5, scaling_group="Window attention op fwd, Swin-T stage 1", size=b,
+                        size_label="batch"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # pytest-benchmark suite (quick shapes; the runner covers the full ones).
 

@@ -31,7 +31,7 @@ from .harness import copy_bandwidth, machine_record, measure_many
 
 OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
        "window_attention": "benchmarks.bench_window_attention", "models": "benchmarks.bench_models",
-       "overhead": "benchmarks.bench_overhead"}
+       "overhead": "benchmarks.bench_overhead", "transformers": "benchmarks.bench_transformers"}
 
 
 def _fmt_bytes(n):
@@ -109,6 +109,9 @@ def run_case(case, device, bandwidth, impls=None):
             row["speedup_of_ours"] = row["time_s"] / ours["time_s"]
     record = {"op": case.op, "shape": case.shape, "mode": case.mode, "dtype": case.dtype, "ours": case.ours,
               "results": rows, "targets": [], "calls_per_timed_call": case.calls}
+    if case.scaling_group:
+        record.update(scaling_group=case.scaling_group, size=case.size, size_label=case.size_label,
+                      show_floor=device.type == "cuda")
     if case.floor_bytes and "time_s" in ours:
         record["floor_bytes"] = case.floor_bytes
         record["floor_time_s"] = case.floor_bytes / bandwidth
@@ -126,6 +129,13 @@ def run_case(case, device, bandwidth, impls=None):
             peak = ours.get("peak_bytes")
             record["targets"].append({"target": t.label, "peer": "", "max_bytes": t.max_bytes, "ratio": None,
                                       "peak_bytes": peak, "met": None if peak is None else bool(peak <= t.max_bytes)})
+            continue
+        if t.max_peak_ratio is not None:
+            peak, peer_peak = ours.get("peak_bytes"), rows.get(t.peer, {}).get("peak_bytes")
+            ratio = peak / peer_peak if peak is not None and peer_peak else None
+            record["targets"].append({"target": t.label, "peer": t.peer, "max_peak_ratio": t.max_peak_ratio,
+                                      "ratio": ratio, "peak_bytes": peak, "peer_peak_bytes": peer_peak,
+                                      "met": None if ratio is None else bool(ratio <= t.max_peak_ratio)})
             continue
         if t.peer == "floor":
             ratio = record.get("fraction_of_copy_bandwidth")
@@ -159,41 +169,29 @@ def print_case(rec):
         if "max_bytes" in t:
             print(f"  target {t['target']}: peak {_fmt_bytes(t['peak_bytes'])} -> {mark}")
             continue
+        if "max_peak_ratio" in t:
+            ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+            print(f"  target {t['target']}: peak {_fmt_bytes(t['peak_bytes'])} vs {_fmt_bytes(t['peer_peak_bytes'])}, "
+                  f"ratio {ratio} -> {mark}")
+            continue
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
         print(f"  target {t['target']}: ratio {ratio} -> {mark}")
 
 
-def plot(records, path):
-    import matplotlib
+_ISA_ENV = {  # level -> (PyTorch's ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, FAISS_OPT_LEVEL)
+    "baseline": ("default", "SSE4_2", "generic"),
+    "avx2": ("avx2", "AVX2", "avx2"),
+    "avx512": ("avx512", "AVX512", "avx512"),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels, peers, values = [], [], {}
-    for rec in records:
-        label = f"{rec['op']}\n{rec['shape']}\n{rec['mode']}"
-        labels.append(label)
-        for name, row in rec["results"].items():
-            if name == rec["ours"] or "speedup_of_ours" not in row:
-                continue
-            if name not in peers:
-                peers.append(name)
-            values.setdefault(name, {})[label] = row["speedup_of_ours"]
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 5))
-    width = 0.8 / max(1, len(peers))
-    for i, name in enumerate(peers):
-        xs = [j + i * width for j in range(len(labels))]
-        ax.bar(xs, [values[name].get(lbl, 0) for lbl in labels], width, label=f"vs {name}")
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("speed-up of vlm_kernels (peer time / our time)")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.legend(fontsize=8)
-    ax.set_title("vlm_kernels vs peers (higher is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _reexec_at_isa(level: str, argv: list) -> None:
+    """Run this benchmark again with every library held to ``level`` (they read it at load time)."""
+    aten, mkl, faiss = _ISA_ENV[level]
+    env = dict(os.environ, VLM_KERNELS_CPU_ISA=level, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl,
+               FAISS_OPT_LEVEL=faiss)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run"] + argv, env)
 
 
 def main(argv=None) -> int:
@@ -209,23 +207,38 @@ def main(argv=None) -> int:
                         help="which cases and peers: all (default), headline, main (no torch.compile/FlexAttention "
                              "peers, no blocks/models), extended (what main leaves out)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--cpu-isa", default="", choices=["", "baseline", "avx2", "avx512"],
+                        help="emulate a CPU of this level for ours and the peers alike: VLM_KERNELS_CPU_ISA, "
+                             "ATEN_CPU_CAPABILITY (PyTorch's kernels), MKL_ENABLE_INSTRUCTIONS, FAISS_OPT_LEVEL "
+                             "(re-executes the runner with them set)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="time against size for one case per op (each op's scaling_cases), plotted as curves")
     parser.add_argument("--append", action="store_true",
                         help="add to the cases already in the output JSON (of the same device, mode and tag)")
     args = parser.parse_args(argv)
+    if args.cpu_isa and os.environ.get("VLM_KERNELS_CPU_ISA") != args.cpu_isa:
+        _reexec_at_isa(args.cpu_isa, sys.argv[1:] if argv is None else list(argv))
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     os.makedirs(args.out, exist_ok=True)
     machine = machine_record(device)
+    from vlm_kernels import _backend
+
+    isa = _backend.cpu_isa()
+    machine["cpu_isa"] = isa.get("selected")
+    machine["cpu_isa_detected"] = isa.get("detected")
+    machine["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 28))
     machine["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"device: {machine['device']}; torch {machine['torch']}; triton {machine['triton']}; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); CPU kernels at {machine['cpu_isa']} "
+          f"(CPU runs {machine['cpu_isa_detected']}; PyTorch's kernels at {machine['aten_cpu_capability']})")
     import vlm_kernels
 
     print(vlm_kernels.info())
 
-    stem = (f"bench_{device.type}{'_quick' if args.quick else ''}"
+    stem = (f"bench_{device.type}{'_quick' if args.quick else ''}{'_scaling' if args.scaling else ''}"
             f"{'' if args.mode == 'all' else '_' + args.mode}{'_' + args.tag if args.tag else ''}")
     json_path = os.path.join(args.out, stem + ".json")
     png_path = os.path.join(args.out, stem + ".png")
@@ -239,10 +252,12 @@ def main(argv=None) -> int:
             parser.error(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     for op in ops:
         module = importlib.import_module(OPS[op])
-        for case in module.cases(device, quick=args.quick):
+        if args.scaling and not hasattr(module, "scaling_cases"):
+            continue
+        for case in (module.scaling_cases if args.scaling else module.cases)(device, quick=args.quick):
             if args.filter and args.filter not in f"{case.shape} {case.mode}":
                 continue
-            impls = select_impls(case, args.mode)
+            impls = case.impls if args.scaling else select_impls(case, args.mode)
             if not impls:
                 continue
             t0 = time.perf_counter()
@@ -257,7 +272,10 @@ def main(argv=None) -> int:
     write_json(json_path, {"machine": machine, "quick": args.quick, "mode": args.mode, "cases": records,
                            "complete": True})
     if not args.no_plot:
-        plot(records, png_path)
+        from . import plots
+
+        title = f"{machine['device']} ({machine.get('cpu_isa', device.type)})" if device.type == "cpu" else machine["device"]
+        (plots.scaling if args.scaling else plots.summary)(records, png_path, title)
     missed = [(r["op"], r["shape"], r["mode"], t["target"]) for r in records for t in r["targets"] if t["met"] is False]
     print(f"\nwrote {json_path}{'' if args.no_plot else ' and ' + png_path}")
     print(f"targets: {sum(t['met'] is True for r in records for t in r['targets'])} met, {len(missed)} missed")

@@ -75,6 +75,9 @@ def forced_backend() -> Optional[str]:
 class Availability:
     ok: bool
     reason: str = ""
+    # A request the user made explicitly cannot be honoured (VLM_KERNELS_CPU_ISA above what the CPU
+    # runs): calls raise instead of falling back to the next backend.
+    refuse: bool = False
 
 
 _cache: dict[str, Availability] = {}
@@ -87,6 +90,26 @@ def _load_ext() -> Availability:
         return Availability(False, f"the compiled extension vlm_kernels._C is not importable ({exc}); "
                                    "reinstall with `pip install --no-build-isolation -e .`")
     return Availability(True, "cuda" if getattr(ext, "with_cuda", False) else "")
+
+
+def cpu_isa() -> dict:
+    """The CPU kernels' instruction-set levels: {"selected", "detected", "compiled", "error"} (see
+    csrc/cpu/isa.h; VLM_KERNELS_CPU_ISA=baseline|avx2|avx512 forces a lower level). {} without the
+    compiled extension."""
+    if not _load_ext().ok:
+        return {}
+    try:
+        report = torch.ops.vlm_kernels_C.cpu_isa()
+    except (AttributeError, RuntimeError):  # an extension built before the levels existed
+        return {}
+    fields = dict(item.split("=", 1) for item in report.split(" error=")[0].split())
+    fields["error"] = report.split(" error=", 1)[1] if " error=" in report else ""
+    return fields
+
+
+def _cpu_isa_availability() -> Availability:
+    err = cpu_isa().get("error", "")
+    return Availability(False, err, refuse=True) if err else Availability(True)
 
 
 def _triton_available() -> Availability:
@@ -105,7 +128,7 @@ def availability(name: str) -> Availability:
             _cache[name] = Availability(True)
         elif name == "cpu":
             ext = _load_ext()
-            _cache[name] = Availability(ext.ok, ext.reason if not ext.ok else "")
+            _cache[name] = _cpu_isa_availability() if ext.ok else Availability(False, ext.reason)
         elif name == "cuda":
             ext = _load_ext()
             if not ext.ok:
@@ -204,6 +227,8 @@ class OpTable:
         skipped = []
         for name in order:
             reason = self.reason(name, entry, device, *args, **kwargs)
+            if reason and availability(name).refuse and name in self.impls.get(entry, {}):
+                raise BackendUnavailableError(f"{self.op_name}: {reason}")
             if not reason:
                 if skipped:
                     _warn_once(self.op_name, name, skipped)
@@ -246,6 +271,11 @@ def info_table() -> str:
         lines.append("triton: not importable")
     forced = os.environ.get("VLM_KERNELS_BACKEND")
     lines.append(f"VLM_KERNELS_BACKEND={forced!r}" if forced else "backend choice: automatic")
+    isa = cpu_isa()
+    if isa:
+        lines.append(f"CPU kernels: {isa['selected']} level in use (this CPU runs up to {isa['detected']}; "
+                     f"compiled: {isa['compiled']}; VLM_KERNELS_CPU_ISA forces a lower one)"
+                     + (f"; ERROR: {isa['error']}" if isa["error"] else ""))
     lines.append("")
     lines.append(f"{'backend':<10} {'here':<5} {'CPU tensors':<12} {'CUDA tensors':<12} why not")
     for name in BACKENDS:

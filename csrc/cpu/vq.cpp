@@ -24,6 +24,7 @@
 // Code statistics. counts by one sequential pass over the indices; sums accumulated in float64, rows
 // in increasing order, threads splitting the D columns (so no two threads touch the same accumulator
 // and the result does not depend on the thread count).
+#include "cpu/isa.h"
 #include "cpu/vq.h"
 
 #include <ATen/Dispatch.h>
@@ -44,14 +45,19 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if VLM_CPU_X86
 #include <immintrin.h>
+#endif
+
+#ifndef VLM_CPU_INCLUDES_ONLY  // (a level wrapper's first pass takes the headers only, see isa.h)
+#if defined(__AVX512F__)
 #define VLM_VQ_AVX512 1
 #else
 #define VLM_VQ_AVX512 0
 #endif
 
 namespace vlm {
+namespace VLM_CPU_LEVEL {
 namespace {
 
 constexpr int64_t kRowBlock = 256;     // rows per GEMM block
@@ -579,15 +585,24 @@ std::tuple<at::Tensor, at::Tensor> vq_code_stats_cpu(const at::Tensor& x, const 
   return {counts, out_type == at::kDouble ? acc : acc.to(out_type)};
 }
 
+}  // namespace VLM_CPU_LEVEL
 }  // namespace vlm
 
 // Schemas here, kernels for the CPU dispatch key.
+#undef VLM_VQ_AVX512
+
+#if VLM_CPU_BASE_BUILD  // the ops are registered once, with the entry points of the level chosen at load
+#define VLM_CPU_HEADER "cpu/vq.h"
+#include "cpu/other_levels.h"
+
 TORCH_LIBRARY_FRAGMENT(vlm_kernels_C, m) {
   m.def("vq_nearest_cpu(Tensor x, Tensor codebook, int dim, str metric) -> (Tensor, Tensor)");
   m.def("vq_code_stats_cpu(Tensor x, Tensor indices, int num_codes, int dim) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vlm_kernels_C, CPU, m) {
-  m.impl("vq_nearest_cpu", &vlm::vq_nearest_cpu);
-  m.impl("vq_code_stats_cpu", &vlm::vq_code_stats_cpu);
+  m.impl("vq_nearest_cpu", VLM_CPU_PICK(vq_nearest_cpu));
+  m.impl("vq_code_stats_cpu", VLM_CPU_PICK(vq_code_stats_cpu));
 }
+#endif  // VLM_CPU_BASE_BUILD
+#endif  // VLM_CPU_INCLUDES_ONLY

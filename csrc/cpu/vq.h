@@ -3,8 +3,8 @@
 // `x` is a contiguous CPU tensor viewed as (outer, D, inner) around a normalised `dim`; its rows are
 // the outer * inner vectors x[o, :, i], numbered o * inner + i. `codebook` is a contiguous (K, D)
 // tensor of x's dtype. dtypes: float32, float16, bfloat16 (distance tiles in float32) and float64.
-// The functions are also registered as torch.ops.vlm_kernels_C.<name> for CPU tensors.
-#pragma once
+// The functions are also registered as torch.ops.vlm_kernels_C.<name> for CPU tensors (the level chosen
+// at load time, see isa.h). No include guard: declares the entry points of the level VLM_CPU_LEVEL names.
 
 #include <ATen/core/Tensor.h>
 
@@ -12,7 +12,10 @@
 #include <string_view>
 #include <tuple>
 
+#include "cpu/isa.h"
+
 namespace vlm {
+namespace VLM_CPU_LEVEL {
 
 // Nearest code of every row: (indices int64, distances float32), x's shape without dim. metric is
 // "l2" (squared Euclidean) or "cosine" (1 - cosine similarity). The index equals a float64
@@ -28,4 +31,5 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& x, const at:
 std::tuple<at::Tensor, at::Tensor> vq_code_stats_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t num_codes,
                                                      int64_t dim);
 
+}  // namespace VLM_CPU_LEVEL
 }  // namespace vlm

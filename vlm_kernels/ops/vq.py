@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .._backend import OpTable
 from ..reference import vq as reference
-from ._common import (check_float_tensor, compiled_kernel, contiguous, describe, first_tensor_reason, gpu_dtype_reason,
-                      normalize_dim, triton_kernel)
+from ._common import (check_float_tensor, compiled_kernel, contiguous, describe, eager_fast_path, first_tensor_reason,
+                      gpu_dtype_reason, normalize_dim, triton_kernel)
 
 TABLE = OpTable("vq")
 METRICS = ("l2", "cosine")
@@ -52,6 +52,10 @@ def _run(entry: str, *args):
 
 @torch.library.custom_op("vlm_kernels::vq_nearest", mutates_args=())
 def _vq_nearest(x: Tensor, codebook: Tensor, dim: int, metric: str) -> tuple[Tensor, Tensor]:
+    return _vq_nearest_impl(x, codebook, dim, metric)
+
+
+def _vq_nearest_impl(x: Tensor, codebook: Tensor, dim: int, metric: str) -> tuple[Tensor, Tensor]:
     return _run("nearest", contiguous(x), contiguous(codebook), dim, metric)
 
 
@@ -63,6 +67,10 @@ def _(x, codebook, dim, metric):
 
 @torch.library.custom_op("vlm_kernels::vq_code_stats", mutates_args=())
 def _vq_code_stats(x: Tensor, indices: Tensor, num_codes: int, dim: int) -> tuple[Tensor, Tensor]:
+    return _vq_code_stats_impl(x, indices, num_codes, dim)
+
+
+def _vq_code_stats_impl(x: Tensor, indices: Tensor, num_codes: int, dim: int) -> tuple[Tensor, Tensor]:
     return _run("code_stats", contiguous(x), contiguous(indices), num_codes, dim)
 
 
@@ -199,6 +207,8 @@ def vq_nearest(x: Tensor, codebook: Tensor, *, dim: int = -1, metric: str = "l2"
     dim = _check_pair("vq_nearest", x, codebook, dim)
     if metric not in METRICS:
         raise ValueError(f"vq_nearest: metric must be one of {METRICS}, got {metric!r}")
+    if eager_fast_path(x, codebook):  # the op's own result, without its ~15 us of dispatch
+        return _vq_nearest_impl(x, codebook, dim, metric)
     return torch.ops.vlm_kernels.vq_nearest(x, codebook, dim, metric)
 
 
@@ -249,6 +259,8 @@ def vq_code_stats(x: Tensor, indices: Tensor, num_codes: int, *, dim: int = -1,
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"vq_code_stats: indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")
+    if eager_fast_path(x, indices):
+        return _vq_code_stats_impl(x, indices, int(num_codes), dim)
     return torch.ops.vlm_kernels.vq_code_stats(x, indices, int(num_codes), dim)
 
 
