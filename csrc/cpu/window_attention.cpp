@@ -24,10 +24,14 @@
 //
 // SIMD: float32 work runs on one width-generic kernel body written against a tiny vector type (V16:
 // AVX-512, 16 lanes; V8: AVX2 + FMA, 8 lanes): register-tiled GEMMs (float32 accumulate), vectorised
-// exp / softmax / dS rows, in-register W x W transposes. The paths are chosen by the predefined ISA
-// macros only (__AVX512F__; __AVX2__ and __FMA__), so this file may be compiled once per ISA level
-// (`#pragma GCC target` before it); float64 and builds without AVX2 + FMA (baseline x86-64, aarch64)
-// use plain loops.
+// exp / softmax / dS rows, in-register W x W transposes. This file is compiled once per instruction-set
+// level (csrc/cpu/isa.h): as itself for the portable baseline, and through the wrappers of the same name
+// in csrc/cpu_avx2/ and csrc/cpu_avx512/ with the level's `#pragma GCC target`. The vector types are
+// chosen by the predefined ISA macros only (__AVX512F__; __AVX2__ and __FMA__), so the baseline copy
+// (x86-64 SSE2, aarch64) holds no intrinsic and runs the plain loops, as float64 does on every level; the
+// AVX2 copy runs V8, the AVX-512 copy V16 (V8 where the head dim is a multiple of 8 but not of 16). The
+// level is picked once at load time; VLM_KERNELS_CPU_ISA forces a lower one.
+#include "cpu/isa.h"
 #include "cpu/window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -45,10 +49,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if VLM_CPU_X86
 #include <immintrin.h>
 #endif
 
+#ifndef VLM_CPU_INCLUDES_ONLY  // (a level wrapper's first pass takes the headers only, see isa.h)
 #if defined(__AVX512F__)
 #define VLM_WA_V16 1
 #else
@@ -62,6 +67,7 @@
 #define VLM_WA_SIMD (VLM_WA_V16 || VLM_WA_V8)
 
 namespace vlm {
+namespace VLM_CPU_LEVEL {
 namespace {
 
 constexpr double kMaskValue = -100.0;  // timm's shifted-window mask value
@@ -1609,7 +1615,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
   return {dq, dk, dv, dbias, dls};
 }
 
+}  // namespace VLM_CPU_LEVEL
 }  // namespace vlm
+
+#undef VLM_WA_DISPATCH
+#undef VLM_WA_SIMD
+#undef VLM_WA_V8
+#undef VLM_WA_V16
+
+// Schemas here, kernels for the CPU dispatch key: registered once, by the baseline build, with the entry
+// points of the level chosen at load time.
+#if VLM_CPU_BASE_BUILD
+#define VLM_CPU_HEADER "cpu/window_attention.h"
+#include "cpu/other_levels.h"
 
 TORCH_LIBRARY_FRAGMENT(vlm_kernels_C, m) {
   m.def(
@@ -1628,8 +1646,10 @@ TORCH_LIBRARY_FRAGMENT(vlm_kernels_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(vlm_kernels_C, CPU, m) {
-  m.impl("window_attention_forward_cpu", &vlm::window_attention_forward_cpu);
-  m.impl("window_attention_backward_cpu", &vlm::window_attention_backward_cpu);
-  m.impl("windowed_attention_forward_cpu", &vlm::windowed_attention_forward_cpu);
-  m.impl("windowed_attention_backward_cpu", &vlm::windowed_attention_backward_cpu);
+  m.impl("window_attention_forward_cpu", VLM_CPU_PICK(window_attention_forward_cpu));
+  m.impl("window_attention_backward_cpu", VLM_CPU_PICK(window_attention_backward_cpu));
+  m.impl("windowed_attention_forward_cpu", VLM_CPU_PICK(windowed_attention_forward_cpu));
+  m.impl("windowed_attention_backward_cpu", VLM_CPU_PICK(windowed_attention_backward_cpu));
 }
+#endif  // VLM_CPU_BASE_BUILD
+#endif  // VLM_CPU_INCLUDES_ONLY
