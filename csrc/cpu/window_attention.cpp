@@ -23,14 +23,13 @@
 // size N x N exists per window beyond the unit's own S and dP buffers.
 //
 // SIMD: float32 work runs on one width-generic kernel body written against a tiny vector type (V16:
-// AVX-512, 16 lanes; V8: AVX2 + FMA, 8 lanes): register-tiled GEMMs (float32 accumulate), vectorised
-// exp / softmax / dS rows, in-register W x W transposes. This file is compiled once per instruction-set
-// level (csrc/cpu/isa.h): as itself for the portable baseline, and through the wrappers of the same name
-// in csrc/cpu_avx2/ and csrc/cpu_avx512/ with the level's `#pragma GCC target`. The vector types are
-// chosen by the predefined ISA macros only (__AVX512F__; __AVX2__ and __FMA__), so the baseline copy
-// (x86-64 SSE2, aarch64) holds no intrinsic and runs the plain loops, as float64 does on every level; the
-// AVX2 copy runs V8, the AVX-512 copy V16 (V8 where the head dim is a multiple of 8 but not of 16). The
-// level is picked once at load time; VLM_KERNELS_CPU_ISA forces a lower one.
+// AVX-512, 16 lanes; V8: AVX2 + FMA, 8 lanes; V4: GCC / Clang vector extensions, 4 lanes, SSE2 on x86-64
+// and NEON on aarch64): register-tiled GEMMs (float32 accumulate), vectorised exp / softmax / dS rows,
+// in-register W x W transposes. This file is compiled once per instruction-set level (csrc/cpu/isa.h):
+// as itself for the portable baseline (V4; no intrinsic), and through the wrappers of the same name in
+// csrc/cpu_avx2/ (V8) and csrc/cpu_avx512/ (V16, and V8 where the head dim is a multiple of 8 but not
+// of 16) with the level's `#pragma GCC target`. float64, and head dims the width does not divide, use
+// plain loops. The level is picked once at load time; VLM_KERNELS_CPU_ISA forces a lower one.
 #include "cpu/isa.h"
 #include "cpu/window_attention.h"
 
@@ -54,17 +53,31 @@
 #endif
 
 #ifndef VLM_CPU_INCLUDES_ONLY  // (a level wrapper's first pass takes the headers only, see isa.h)
-#if defined(__AVX512F__)
+// The level: VLM_WA_ISA_AVX512 / VLM_WA_ISA_AVX2 come from the wrappers in csrc/cpu_avx512/ and
+// csrc/cpu_avx2/ (g++ does not define __AVX2__ / __AVX512F__ for a `#pragma GCC target` in C++: it lexes
+// the whole file before the pragma applies, so those macros follow the command line only, e.g.
+// -march=native with VLM_KERNELS_NATIVE=1).
+#if defined(VLM_WA_ISA_AVX512) || \
+    (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__))
 #define VLM_WA_V16 1
+#define VLM_WA_EVEX 1  // AVX-512VL: the 8-lane code reaches ymm16..31
 #else
 #define VLM_WA_V16 0
+#define VLM_WA_EVEX 0
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if VLM_WA_V16 || defined(VLM_WA_ISA_AVX2) || (defined(__AVX2__) && defined(__FMA__))
 #define VLM_WA_V8 1
 #else
 #define VLM_WA_V8 0
 #endif
-#define VLM_WA_SIMD (VLM_WA_V16 || VLM_WA_V8)
+// The baseline level's portable 4-lane vectors (GCC / Clang vector extensions: SSE2 on x86-64, NEON on
+// aarch64; no intrinsic).
+#if !VLM_WA_V16 && !VLM_WA_V8 && defined(__GNUC__) && (defined(__SSE2__) || defined(__ARM_NEON))
+#define VLM_WA_V4 1
+#else
+#define VLM_WA_V4 0
+#endif
+#define VLM_WA_SIMD (VLM_WA_V16 || VLM_WA_V8 || VLM_WA_V4)
 
 namespace vlm {
 namespace VLM_CPU_LEVEL {
@@ -173,7 +186,7 @@ struct V8 {
   using reg = __m256;
   using mask = __m256;  // all-ones lanes are selected
   static constexpr int W = 8;
-#if defined(__AVX512VL__)
+#if VLM_WA_EVEX
   static constexpr int kRegs = 32;  // EVEX encodings reach ymm16..31
 #else
   static constexpr int kRegs = 16;
@@ -247,10 +260,86 @@ struct V8 {
 };
 #endif  // VLM_WA_V8
 
+#if VLM_WA_V4
+// 4 lanes in GCC / Clang vector extensions, for the baseline level (SSE2 on x86-64, NEON on aarch64).
+// No FMA at this level: fmadd is a * b + c rounded twice (-ffp-contract=off keeps it so). max, select
+// and exp follow V8's lane semantics (max(a, b) = a > b ? a : b; exp's range, flush to 0 and NaN).
+struct V4 {
+  typedef float reg __attribute__((vector_size(16)));
+  typedef int32_t ireg __attribute__((vector_size(16)));
+  using mask = ireg;  // all-ones lanes are selected
+  static constexpr int W = 4;
+#if defined(__aarch64__)
+  static constexpr int kRegs = 32;
+#else
+  static constexpr int kRegs = 16;
+#endif
+  static reg load(const float* p) {
+    reg x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void store(float* p, reg x) { std::memcpy(p, &x, sizeof(x)); }
+  static reg zero() { return reg{0.0f, 0.0f, 0.0f, 0.0f}; }
+  static reg set1(float a) { return reg{a, a, a, a}; }
+  static reg add(reg a, reg b) { return a + b; }
+  static reg sub(reg a, reg b) { return a - b; }
+  static reg mul(reg a, reg b) { return a * b; }
+  static reg div(reg a, reg b) { return a / b; }
+  static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+  static reg select(mask m, reg a, reg b) {  // m ? a : b
+    return reinterpret_cast<reg>((m & reinterpret_cast<ireg>(a)) | (~m & reinterpret_cast<ireg>(b)));
+  }
+  static reg max(reg a, reg b) { return select(a > b, a, b); }
+  static mask lanes(int64_t n) {  // lanes [0, n)
+    const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(n, 4)));
+    return ireg{0, 1, 2, 3} < ireg{k, k, k, k};
+  }
+  static float hsum(reg x) { return (x[0] + x[2]) + (x[1] + x[3]); }
+  static float hmax(reg x) {
+    const float a = x[0] > x[2] ? x[0] : x[2], b = x[1] > x[3] ? x[1] : x[3];
+    return a > b ? a : b;
+  }
+
+  static reg exp(reg x) {
+    const reg lo = set1(kExpLo);
+    const mask keep = ~(x < lo);  // x >= kExpLo or NaN
+    x = max(lo, x);
+    x = select(set1(88.0f) < x, set1(88.0f), x);
+    // n = round(x log2 e) (|x log2 e| <= 127): adding 1.5 * 2^23 rounds to an integer, which then sits
+    // in the low mantissa bits.
+    const reg shifter = set1(12582912.0f);
+    const reg big = x * set1(1.44269504088896341f) + shifter;
+    const reg n = big - shifter;
+    reg r = x - n * set1(0.693359375f);
+    r = r - n * set1(-2.12194440e-4f);
+    reg p = set1(1.9875691500e-4f);
+    p = p * r + set1(1.3981999507e-3f);
+    p = p * r + set1(8.3334519073e-3f);
+    p = p * r + set1(4.1665795894e-2f);
+    p = p * r + set1(1.6666665459e-1f);
+    p = p * r + set1(5.0000001201e-1f);
+    p = p * (r * r) + r;
+    p = p + set1(1.0f);
+    // 2^n, n in [-126, 127], from its exponent bits (n = bits(big) - bits(1.5 * 2^23)).
+    const ireg e = (reinterpret_cast<ireg>(big) - reinterpret_cast<ireg>(shifter) + 127) << 23;
+    return reinterpret_cast<reg>(reinterpret_cast<ireg>(p * reinterpret_cast<reg>(e)) & keep);
+  }
+
+  // r[0..3] <- its transpose (4 x 4).
+  static void transpose(reg* r) {
+    const reg a = r[0], b = r[1], c = r[2], d = r[3];
+    for (int i = 0; i < 4; ++i) r[i] = reg{a[i], b[i], c[i], d[i]};
+  }
+};
+#endif  // VLM_WA_V4
+
 #if VLM_WA_V16
 using VBest = V16;  // the plain-loop path's float32 GEMMs and softmax rows (buffers padded to 16)
 #elif VLM_WA_V8
 using VBest = V8;
+#elif VLM_WA_V4
+using VBest = V4;
 #endif
 
 // ----------------------------------------------------------------------------------------------------
@@ -831,6 +920,9 @@ int fast_width(const Params<acc_t>& p) {
 #if VLM_WA_V8
   if (p.d % 8 == 0) return 8;
 #endif
+#if VLM_WA_V4
+  if (p.d % 4 == 0) return 4;
+#endif
   return 0;
 }
 
@@ -1155,7 +1247,8 @@ struct FastWork {
   }
 
   // Backward of one head. go: dO rows (stride ldg; zero rows for padded queries); lse per row (stride
-  // lse_ld; ignored where real[i] is 0); results into rows of stride ldr: dv = P^T dO, dq = q_alpha dS K,
+  // lse_ld; ignored where real[i] is 0: those rows take their own softmax); results into rows of stride
+  // ldr: dv = P^T dO, dq = q_alpha dS K,
   // dk = dS^T Q. Adds dS into dbias (N x N float64) when given.
   void backward(const float* q, const float* k, const float* v, int64_t ld, const float* bias_h, float t, bool mixed,
                 const float* go, int64_t ldg, const float* lse, int64_t lse_ld, const uint8_t* real, float q_alpha,
@@ -1168,22 +1261,33 @@ struct FastWork {
     for (int64_t i = 0; i < N; ++i) {
       float* prow = s.data() + i * Np;
       float* drow = dpb.data() + i * Np;
-      if (!real[i]) {  // a padded query: cropped, no gradient flows through its row
-        std::fill(prow, prow + Np, 0.0f);
-        std::fill(drow, drow + Np, 0.0f);
-        continue;
-      }
       const float* mrow = mask.data() + i * Np;
-      const reg l = V::set1(lse[i * lse_ld]);
       reg pd = V::zero(), ps = V::zero();
-      for (int64_t j = 0; j <= last; j += W) {
-        reg x = V::load(prow + j);
-        if (mixed) x = V::add(x, V::load(mrow + j));
-        reg p = V::exp(V::sub(x, l));
-        if (j == last) p = V::select(tail, p, V::zero());
-        V::store(prow + j, p);
-        pd = V::fmadd(p, V::load(drow + j), pd);
-        ps = V::add(ps, p);
+      if (real[i]) {
+        const reg l = V::set1(lse[i * lse_ld]);
+        for (int64_t j = 0; j <= last; j += W) {
+          reg x = V::load(prow + j);
+          if (mixed) x = V::add(x, V::load(mrow + j));
+          reg p = V::exp(V::sub(x, l));
+          if (j == last) p = V::select(tail, p, V::zero());
+          V::store(prow + j, p);
+          pd = V::fmadd(p, V::load(drow + j), pd);
+          ps = V::add(ps, p);
+        }
+      } else {
+        // A padded query is cropped: its dO row is 0, so dS = P (0 - 0) = 0 exactly -- unless its logits
+        // or V hold NaN / inf, where eager autograd gives a NaN row (P NaN, or dP = 0 * inf) that reaches
+        // the bias, pad and k, v gradients. Computed as eager does, from the row's own softmax (no lse is
+        // kept for it).
+        const float* add = mixed ? mrow : nullptr;
+        const float m = row_max<V>(prow, add, N);
+        const reg inv = V::set1(1.0f / row_exp<V>(prow, add, N, m));  // e in prow, 0 past N
+        for (int64_t j = 0; j <= last; j += W) {
+          const reg p = V::mul(V::load(prow + j), inv);
+          V::store(prow + j, p);
+          pd = V::fmadd(p, V::load(drow + j), pd);
+          ps = V::add(ps, p);
+        }
       }
       // D = rowsum(P dP) / rowsum(P): the rows of dS sum to zero to rounding even where P's rows sum to
       // one only to rounding.
@@ -1339,6 +1443,9 @@ void map_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& pad_qkv
 #if VLM_WA_V8
     if (fast_width(p) == 8) return map_forward_units<FastUnits<V8>>(g, p, x, pad.data(), o, l);
 #endif
+#if VLM_WA_V4
+    if (fast_width(p) == 4) return map_forward_units<FastUnits<V4>>(g, p, x, pad.data(), o, l);
+#endif
   }
   map_forward_units<PlainUnits<acc_t>>(g, p, x, pad.data(), o, l);
 }
@@ -1372,6 +1479,12 @@ void map_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::T
 #if VLM_WA_V8
     if (!done && fast_width(p) == 8) {
       map_backward_units<FastUnits<V8>>(g, p, x, pad.data(), gop, lse_p, dx, ab, ap, al);
+      done = true;
+    }
+#endif
+#if VLM_WA_V4
+    if (!done && fast_width(p) == 4) {
+      map_backward_units<FastUnits<V4>>(g, p, x, pad.data(), gop, lse_p, dx, ab, ap, al);
       done = true;
     }
 #endif
@@ -1620,6 +1733,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
 
 #undef VLM_WA_DISPATCH
 #undef VLM_WA_SIMD
+#undef VLM_WA_V4
+#undef VLM_WA_EVEX
 #undef VLM_WA_V8
 #undef VLM_WA_V16
 
