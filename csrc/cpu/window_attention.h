@@ -5,8 +5,8 @@
 // Tensors arrive contiguous, on the CPU, all of qkv's (q's) dtype: float32, float16, bfloat16 (computed
 // in float32) or float64 (computed in float64). An absent optional input is an undefined tensor (None);
 // the gradient of an absent input comes back undefined (None in Python). The functions are registered as
-// torch.ops.vlm_kernels_C.<name> for CPU tensors.
-#pragma once
+// torch.ops.vlm_kernels_C.<name> for CPU tensors (the level chosen at load time, see isa.h).
+// No include guard: declares the entry points of the level VLM_CPU_LEVEL names.
 
 #include <ATen/core/Tensor.h>
 
@@ -14,7 +14,10 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/isa.h"
+
 namespace vlm {
+namespace VLM_CPU_LEVEL {
 
 // Fused shifted-window attention on the (B, H, W, 3C) qkv map: cyclic shift by -shift, bottom/right
 // padding up to multiples of the window (a padded token's qkv is pad_qkv, zeros when absent), window
@@ -49,4 +52,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
     const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask, double scale,
     const std::optional<at::Tensor>& logit_scale);
 
+}  // namespace VLM_CPU_LEVEL
 }  // namespace vlm
