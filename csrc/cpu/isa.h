@@ -4,9 +4,11 @@
 // baseline (no -march flag: SSE2 on x86-64, NEON on aarch64), and on x86-64 by the wrappers of the same
 // name in csrc/cpu_avx2/ (AVX2+FMA, x86-64-v3) and csrc/cpu_avx512/ (AVX-512 F/BW/VL/DQ, x86-64-v4). A
 // wrapper includes the kernel file's headers, turns on the level's instructions with `#pragma GCC
-// target` (which also defines __AVX2__, __AVX512F__, ...), sets VLM_CPU_LEVEL to the level's namespace
-// and includes the kernel file. So inside a kernel file:
-//   * choose vector code with the predefined macros (__AVX512F__, __AVX2__ && __FMA__, __ARM_NEON);
+// target`, sets VLM_CPU_LEVEL to the level's namespace, defines the kernel's own level macro (e.g.
+// VLM_VQ_ISA_AVX512, VLM_WA_ISA_AVX2) and includes the kernel file. In C++, g++'s target pragma does NOT
+// define __AVX2__ / __AVX512F__ (they follow the command line only), so inside a kernel file:
+//   * choose vector code with the wrapper's level macro (or the predefined macros, which a
+//     -march=native build sets; __ARM_NEON on aarch64);
 //   * put everything in `namespace vlm { namespace VLM_CPU_LEVEL {`: each level's copy of a kernel has
 //     its own names, so no two levels' functions are ever merged;
 //   * the header (csrc/cpu/<op>.h) declares the entry points inside the same namespace and has no

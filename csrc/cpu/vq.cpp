@@ -50,7 +50,7 @@
 #endif
 
 #ifndef VLM_CPU_INCLUDES_ONLY  // (a level wrapper's first pass takes the headers only, see isa.h)
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(VLM_VQ_ISA_AVX512)
 #define VLM_VQ_AVX512 1
 #else
 #define VLM_VQ_AVX512 0

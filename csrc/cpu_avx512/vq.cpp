@@ -6,6 +6,7 @@
 #define VLM_CPU_INCLUDES_ONLY
 #include "cpu/vq.cpp"
 #undef VLM_CPU_INCLUDES_ONLY
+#define VLM_VQ_ISA_AVX512 1  // __AVX512F__ does not follow the pragma in C++ (see isa.h)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #include "cpu/vq.cpp"
 #endif
