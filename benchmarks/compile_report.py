@@ -398,6 +398,11 @@ def vq_cases() -> list[Case]:
     ]
 
 
+def _windows_per_program(units: int):
+    """Trip count of a window-attention program's window loop: its share of the (window, head) pairs."""
+    return lambda meta, programs: {0: -(-units // programs)}
+
+
 SWIN_STAGES = (("stage 1 56x56 C=96 h=3", (56, 56), 96, 3), ("stage 3 14x14 C=384 h=12", (14, 14), 384, 12))
 
 
@@ -434,14 +439,19 @@ def window_attention_cases(batch: int = 64) -> list[Case]:
 
                 n_tok = window * window
                 flops = 4 * tokens * n_tok * c  # QK^T and PV over every window (padded maps aside)
+                units = batch * (h // window) * (w // window) * heads  # (window, head) pairs
+                # each program walks a run of windows of one head: its loop runs units / programs times
+                per_program = {"_fwd_kernel": _windows_per_program(units),
+                               "_bwd_fused_kernel": _windows_per_program(units)}
                 out.append(Case("window_attention", f"{label} B={batch} {version} fwd {dname}", fwd,
                                 bytes=tokens * c * size * 4, flops=flops,
                                 dot_dtype="bf16" if dname == "bf16" else "tf32",
                                 target=("floor", 0.5, "within 2x of the HBM floor")
-                                if (label.startswith("stage 1") and dname == "bf16" and version == "v1") else None))
+                                if (label.startswith("stage 1") and dname == "bf16" and version == "v1") else None,
+                                trips=per_program))
                 out.append(Case("window_attention", f"{label} B={batch} {version} fwd+bwd {dname}", fwd_bwd,
                                 bytes=tokens * c * size * 11, flops=flops * 3.5,
-                                dot_dtype="bf16" if dname == "bf16" else "tf32"))
+                                dot_dtype="bf16" if dname == "bf16" else "tf32", trips=per_program))
     return out
 
 
@@ -507,7 +517,8 @@ def analyse_case(case: Case, launches: list[Launch], keep_sass: Optional[str] = 
             res_all, sass_all, sass_text = read_cubin(path)
             name = next(iter(sass_all), launch.kernel)
             trips_fn = case.trips.get(launch.kernel)
-            trips = trips_fn(launch.meta) if trips_fn else {}
+            trips = {} if not trips_fn else (trips_fn(launch.meta, launch.programs)
+                                             if trips_fn.__code__.co_argcount == 2 else trips_fn(launch.meta))
             trips = {0: int(trips)} if isinstance(trips, (int, float)) else {int(k): int(v) for k, v in trips.items()}
             rows.append(_kernel_row(launch, res_all.get(name, {}), sass_all.get(name, Sass()), trips))
             if keep_sass:

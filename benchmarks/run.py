@@ -31,7 +31,7 @@ from .harness import copy_bandwidth, machine_record, measure_many
 
 OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
        "window_attention": "benchmarks.bench_window_attention", "models": "benchmarks.bench_models",
-       "overhead": "benchmarks.bench_overhead"}
+       "overhead": "benchmarks.bench_overhead", "transformers": "benchmarks.bench_transformers"}
 
 
 def _fmt_bytes(n):

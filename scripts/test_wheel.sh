@@ -26,7 +26,7 @@ assert isa and isa["compiled"].split(",")[0] == "baseline" and not isa["error"],
 g = torch.Generator().manual_seed(0)
 x = torch.randn(4, 33, 6, generator=g)
 r = torch.randn(100, 16, generator=g); e = torch.randn(40, 16, generator=g)
-qkv = torch.randn(1, 7, 9, 96, generator=g); t = torch.randn(169, 3, generator=g)
+qkv = torch.randn(1, 7, 9, 72, generator=g); t = torch.randn(169, 3, generator=g)  # C=24: 3 heads of 8
 calls = {
     "gumbel_softmax": lambda: vk.gumbel_softmax(x, tau=0.5, dim=1, seed=3),
     "gumbel_argmax": lambda: vk.gumbel_argmax(x, dim=1, seed=3),
