@@ -46,10 +46,14 @@
 #endif
 
 #ifndef VLM_CPU_INCLUDES_ONLY  // (a level wrapper's first pass takes the headers only, see isa.h)
-// W, the float32 lanes of the vector kernels at this level (0: scalar kernels only).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+// W, the float32 lanes of the vector kernels at this level (0: scalar kernels only). The level wrappers
+// say their level with VLM_GUMBEL_ISA_AVX512 / VLM_GUMBEL_ISA_AVX2: GCC's C++ front end evaluates #if
+// before it applies `#pragma GCC target`, so __AVX2__ / __AVX512F__ are set by the command line only
+// (-march=native, the opt-in build, where the baseline copy gets the vector kernels too).
+#if defined(VLM_GUMBEL_ISA_AVX512) || \
+    (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__))
 #define VLM_GUMBEL_LANES 16
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(VLM_GUMBEL_ISA_AVX2) || (defined(__AVX2__) && defined(__FMA__))
 #define VLM_GUMBEL_LANES 8
 #else
 #define VLM_GUMBEL_LANES 0
@@ -375,7 +379,9 @@ inline H float_to_half(F x) { return _mm512_cvtps_ph(x, kRn); }
 // A per-lane sum kept in float64: a lane of a tile adds up all K terms of its column, and a float sum
 // that long would lose digits the reference (a tree-like torch reduction) keeps.
 struct LaneSum {
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  // (a constructor of its own: an implicit one is compiled without the level's target, see isa.h)
+  LaneSum() : lo(_mm512_setzero_pd()), hi(_mm512_setzero_pd()) {}
+  __m512d lo, hi;
   void add(F v) {
     lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
     hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
@@ -520,14 +526,15 @@ inline H float_to_half(F v) {
   const I small = sub_i(bits(from_bits(a) + splat(0.5f)), splat_i(0x3F000000));
   // normal: rebias (-112 << 23) and round to nearest even on the 13 dropped bits (a carry may give inf).
   const I odd = and_i(srl_i<13>(a), splat_i(1));
-  const I normal = srl_i<13>(add_i(a, splat_i(static_cast<int32_t>(0xC8000FFFu))));
+  const I normal = srl_i<13>(add_i(add_i(a, splat_i(static_cast<int32_t>(0xC8000FFFu))), odd));
   I r = select(lt_i(a, splat_i(0x38800000)), small, normal);
   r = select(lt_i(splat_i(0x477FFFFF), a), big, r);
   return narrow16(or_i(r, sign));
 }
 
 struct LaneSum {  // see the AVX-512 one
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  LaneSum() : lo(_mm256_setzero_pd()), hi(_mm256_setzero_pd()) {}
+  __m256d lo, hi;
   void add(F v) {
     lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));

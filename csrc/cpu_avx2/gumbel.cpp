@@ -6,6 +6,7 @@
 #define VLM_CPU_INCLUDES_ONLY
 #include "cpu/gumbel.cpp"
 #undef VLM_CPU_INCLUDES_ONLY
+#define VLM_GUMBEL_ISA_AVX2 1  // __AVX2__ etc. do not follow the pragma in C++ (see gumbel.cpp)
 #pragma GCC target("avx2,fma")
 #include "cpu/gumbel.cpp"
 #endif
