@@ -700,7 +700,9 @@ inline void gumbel_noise_vecs(const PhiloxKeys& key, const uint64_t* start, F* o
   neg_log<N>(out);
 }
 
-constexpr int kNoiseGroups = 4;  // vectors whose noise is computed together
+// Vectors whose noise is computed together: 8 (4 Philox chains at AVX2, 2 at AVX-512, then 8 log chains)
+// measured 18-25% faster than 4 at both levels on Zen 4, and faster than 12 at AVX2 (register spills).
+constexpr int kNoiseGroups = 8;
 
 // exp(x) to ~1 ulp: 2^n * e^r with n = round(x / ln 2) (Cephes' expf polynomial). scale2 gives the
 // gradual underflow to 0; NaN passes the clamps (max/min return their second operand when it is NaN).
