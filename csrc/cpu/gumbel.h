@@ -4,14 +4,18 @@
 // as (outer, K, inner) with K = size(dim). Element (o, k, i) has linear offset (o * K + k) * inner + i
 // and Gumbel noise vlm::gumbel_noise(seed, offset) (csrc/common/philox.h), bit-identical to every other
 // backend. dtypes: float32, float16, bfloat16 (computed in float32) and float64 (computed in float64).
-// The functions are also registered as torch.ops.vlm_kernels_C.<name> for CPU tensors.
-#pragma once
+// The functions are also registered as torch.ops.vlm_kernels_C.<name> for CPU tensors (the level chosen at
+// load time, see isa.h). No include guard: declares the entry points of the level VLM_CPU_LEVEL names, and
+// (once) the same functions in namespace vlm, which forward to the level chosen at load time.
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
+#include "cpu/isa.h"
+
 namespace vlm {
+namespace VLM_CPU_LEVEL {
 
 // Soft sample softmax((logits + g) / tau) or, with `hard`, the one-hot of argmax(logits + g); a row
 // that holds a NaN comes out all NaN. Same dtype and shape as `logits`.
@@ -39,4 +43,19 @@ void gumbel_noise_fill(uint64_t seed, uint64_t start, int64_t n, float* out);
 // tests of the noise contract at any offset, 2^32 and beyond included). start >= 0, n >= 0.
 at::Tensor gumbel_noise_cpu(int64_t seed, int64_t start, int64_t n);
 
+}  // namespace VLM_CPU_LEVEL
 }  // namespace vlm
+
+#ifndef VLM_CPU_GUMBEL_LEVEL_FREE
+#define VLM_CPU_GUMBEL_LEVEL_FREE
+namespace vlm {  // the entry points above at the level chosen at load time (VLM_KERNELS_CPU_ISA), e.g. for tests
+at::Tensor gumbel_softmax_forward_cpu(const at::Tensor& logits, int64_t seed, double tau, bool hard, int64_t dim);
+at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& saved, int64_t seed, double tau,
+                                       bool hard, int64_t dim);
+at::Tensor gumbel_argmax_cpu(const at::Tensor& logits, int64_t seed, int64_t dim);
+at::Tensor categorical_kl_uniform_forward_cpu(const at::Tensor& logits, int64_t dim);
+at::Tensor categorical_kl_uniform_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, int64_t dim);
+void gumbel_noise_fill(uint64_t seed, uint64_t start, int64_t n, float* out);
+at::Tensor gumbel_noise_cpu(int64_t seed, int64_t start, int64_t n);
+}  // namespace vlm
+#endif

@@ -1,5 +1,6 @@
 // C++ unit tests of the Philox / Gumbel-noise contract (csrc/common/philox.h) and of the CPU Gumbel
-// kernels (csrc/cpu/gumbel.cpp), run by ctest. No framework: EXPECT counts (c10 owns the name CHECK),
+// kernels (csrc/cpu/gumbel.cpp), run by ctest once per instruction-set level (VLM_KERNELS_CPU_ISA; the
+// vlm:: entry points forward to the level chosen at load time, see csrc/cpu/isa.h). No framework: EXPECT counts (c10 owns the name CHECK),
 // main prints the tally and fails when anything failed. The known answers come from the Python oracle
 // (vlm_kernels/reference/philox.py), e.g. philox_first(torch.arange(8), seed).
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 
 #include "common/philox.h"
 #include "cpu/gumbel.h"
+#include "cpu/isa.h"
 
 namespace {
 
@@ -120,7 +122,7 @@ void test_noise_fill_matches_scalar() {
   const uint64_t seeds[] = {0, 1234, (uint64_t(1) << 40) + 17, ~uint64_t(0)};
   for (uint64_t seed : seeds)
     for (uint64_t start : starts)
-      for (int64_t n : {1, 15, 16, 17, 63, 64, 65, 200}) {
+      for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 200}) {
         std::vector<float> fill(n);
         vlm::gumbel_noise_fill(seed, start, n, fill.data());
         bool same = true;
@@ -320,6 +322,45 @@ void test_extreme_logits_stay_finite() {
   }
 }
 
+// float16 / bfloat16 in and out: the kernels widen the input exactly, compute in float32 and round once,
+// so they equal the float32 kernels' result rounded by ATen, bit for bit (NaN as NaN): catches a wrong
+// conversion of subnormals, the largest finite values, infinities and NaN, on rows and on tiles.
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor nan = a.isnan();
+  return at::equal(nan, b.isnan()) && at::equal(a.masked_fill(nan, 0).view(at::kShort), b.masked_fill(nan, 0).view(at::kShort));
+}
+
+void test_half_and_bfloat16_convert_like_aten() {
+  at::manual_seed(3);
+  for (at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    const double big = dtype == at::kHalf ? 65504.0 : 3e38;
+    for (const ShapeCase& c : {ShapeCase{{7, 45}, 1}, ShapeCase{{3, 45, 37}, 1}}) {
+      at::Tensor x = (at::randn(c.sizes, at::kDouble) * 8).to(dtype);
+      const std::vector<double> specials = {1e-7, -3e-6, 5.9e-8, big, -big, INFINITY, -INFINITY, NAN};
+      for (size_t j = 0; j < specials.size(); ++j)
+        x.view({-1}).index_put_({static_cast<int64_t>(37 * j + 5)}, specials[j]);
+      x.select(1, 3).fill_(-INFINITY);  // some columns / rows of -inf
+      const at::Tensor xf = x.to(at::kFloat), grad = at::randn(x.sizes()).to(dtype);
+      const std::string ctx = describe(x, c.dim);
+      for (bool hard : {false, true}) {
+        EXPECT_CTX(same_bits(vlm::gumbel_softmax_forward_cpu(x, 7, 0.5, hard, c.dim),
+                             vlm::gumbel_softmax_forward_cpu(xf, 7, 0.5, hard, c.dim).to(dtype)), ctx);
+        const at::Tensor saved = hard ? x : vlm::gumbel_softmax_forward_cpu(x, 7, 0.5, false, c.dim);
+        EXPECT_CTX(same_bits(vlm::gumbel_softmax_backward_cpu(grad, saved, 7, 0.5, hard, c.dim),
+                             vlm::gumbel_softmax_backward_cpu(grad.to(at::kFloat), saved.to(at::kFloat), 7, 0.5, hard, c.dim)
+                                 .to(dtype)),
+                   ctx + (hard ? " backward hard" : " backward soft"));
+      }
+      EXPECT_CTX(at::equal(vlm::gumbel_argmax_cpu(x, 7, c.dim), vlm::gumbel_argmax_cpu(xf, 7, c.dim)), ctx);
+      const at::Tensor kl = vlm::categorical_kl_uniform_forward_cpu(x, c.dim);
+      EXPECT_CTX(same_bits(kl, vlm::categorical_kl_uniform_forward_cpu(xf, c.dim).to(dtype)), ctx);
+      const at::Tensor g = at::randn(kl.sizes()).to(dtype);
+      EXPECT_CTX(same_bits(vlm::categorical_kl_uniform_backward_cpu(g, x, c.dim),
+                           vlm::categorical_kl_uniform_backward_cpu(g.to(at::kFloat), xf, c.dim).to(dtype)), ctx);
+    }
+  }
+}
+
 void test_empty_and_bad_arguments() {
   EXPECT(vlm::gumbel_softmax_forward_cpu(at::empty({0, 5}), 1, 1.0, false, 1).sizes() == at::IntArrayRef({0, 5}));
   EXPECT(vlm::gumbel_argmax_cpu(at::empty({3, 4, 0}), 1, 1).sizes() == at::IntArrayRef({3, 0}));
@@ -336,6 +377,7 @@ void test_empty_and_bad_arguments() {
 }  // namespace
 
 int main() {
+  std::printf("CPU kernels: %s\n", vlm::cpu::isa_report().c_str());
   test_philox_known_answers();
   test_noise_known_bits();
   test_noise_finite_at_extreme_bits();
@@ -345,6 +387,7 @@ int main() {
   test_nan_rows_stay_in_their_row();
   test_ties_pick_the_first_index();
   test_extreme_logits_stay_finite();
+  test_half_and_bfloat16_convert_like_aten();
   test_empty_and_bad_arguments();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
