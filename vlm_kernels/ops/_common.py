@@ -51,6 +51,59 @@ def check_positive_finite(op: str, name: str, value: object) -> float:
     return value
 
 
+def check_int(op: str, name: str, value: object, minimum: int = 1) -> int:
+    """An int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    """A bool (Python's or numpy's): a string or tensor here is almost always a misplaced argument."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_real(op: str, name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (not a bool) in the interval given by ``low``/``high`` (closed unless ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        bounds = []
+        if low != -math.inf:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high != math.inf:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        raise ValueError(f"{op}: {name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, "
+                         f"got {value}")
+    return value
+
+
+def check_probability(op: str, name: str, value: object) -> float:
+    """A dropout-style probability in [0, 1]."""
+    return check_real(op, name, value, low=0.0, high=1.0)
+
+
+def check_factory_dtype(op: str, dtype: object) -> None:
+    """The ``dtype`` factory argument of a layer: None or a floating-point torch.dtype."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{op}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_module_class(op: str, name: str, value: object) -> None:
+    """A layer factory such as ``act_layer=nn.GELU``: a class or callable that builds a module, not a module."""
+    if isinstance(value, torch.nn.Module) or not callable(value):
+        raise TypeError(f"{op}: {name} must be a class (or callable) that builds an nn.Module, e.g. nn.GELU, "
+                        f"got {value!r}")
+
+
 def seed_tensor(op: str, seed: Union[None, int, torch.Tensor]) -> torch.Tensor:
     """The Philox seed as a 0-dim int64 CPU tensor.
 
