@@ -110,3 +110,133 @@ def hypothesis_settings(ci_examples: int, long_examples: Optional[int] = None):
         return settings(max_examples=long_examples or 25 * ci_examples, derandomize=False, print_blob=True,
                         **common)
     return settings(max_examples=ci_examples, derandomize=True, database=None, print_blob=True, **common)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Workloads: one forward + backward of every op on small inputs, shared by the thread and long-run
+# suites. ``make(device)`` builds read-only inputs; ``run(inputs)`` returns every output and gradient.
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _gumbel_inputs(device):
+    g = _g(1)
+    return {"logits": torch.randn(4, 9, 5, generator=g).to(device), "grad": torch.randn(4, 9, 5, generator=g).to(device)}
+
+
+def _run_gumbel_softmax(t, hard):
+    import vlm_kernels as vk
+
+    logits = _leaf(t["logits"])
+    out = vk.gumbel_softmax(logits, 0.7, hard, 1, seed=11)
+    out.backward(t["grad"])
+    return out.detach(), logits.grad
+
+
+def _run_gumbel_argmax(t):
+    import vlm_kernels as vk
+
+    return (vk.gumbel_argmax(t["logits"], 1, seed=12),)
+
+
+def _run_kl(t):
+    import vlm_kernels as vk
+
+    logits = _leaf(t["logits"])
+    out = vk.categorical_kl_uniform(logits, 1)
+    out.backward(t["grad"][:, 0])
+    return out.detach(), logits.grad
+
+
+def _vq_inputs(device):
+    g = _g(2)
+    return {"x": torch.randn(2, 6, 5, 3, generator=g).to(device), "codebook": torch.randn(13, 6, generator=g).to(device),
+            "grad": torch.randn(2, 6, 5, 3, generator=g).to(device)}
+
+
+def _run_vq_nearest(t):
+    import vlm_kernels as vk
+
+    return vk.vq_nearest(t["x"], t["codebook"], dim=1)
+
+
+def _run_vq_quantize(t):
+    import vlm_kernels as vk
+
+    x, e = _leaf(t["x"]), _leaf(t["codebook"])
+    q, idx, loss = vk.vq_quantize(x, e, dim=1)
+    ((q * t["grad"]).sum() + loss).backward()
+    return q.detach(), idx, loss.detach(), x.grad, e.grad
+
+
+def _run_vq_code_stats(t):
+    import vlm_kernels as vk
+
+    idx = (torch.arange(30, device=t["x"].device) % 13).reshape(2, 5, 3)
+    return vk.vq_code_stats(t["x"], idx, 13, dim=1)
+
+
+def _wa_inputs(device):
+    g = _g(3)
+    return {"qkv": torch.randn(2, 9, 10, 24, generator=g).to(device), "table": torch.randn(49, 2, generator=g).to(device),
+            "pad": torch.randn(24, generator=g).to(device), "grad": torch.randn(2, 9, 10, 8, generator=g).to(device)}
+
+
+def _run_window_attention(t):
+    import vlm_kernels as vk
+
+    qkv, table, pad = _leaf(t["qkv"]), _leaf(t["table"]), _leaf(t["pad"])
+    out = vk.window_attention(qkv, num_heads=2, window_size=4, shift_size=2, rel_pos_bias=table, pad_qkv=pad)
+    out.backward(t["grad"])
+    return out.detach(), qkv.grad, table.grad, pad.grad
+
+
+def _wd_inputs(device):
+    g = _g(4)
+    return {k: torch.randn(4, 2, 16, 4, generator=g).to(device) for k in ("q", "k", "v", "grad")} | {
+        "bias": torch.randn(2, 16, 16, generator=g).to(device)}
+
+
+def _run_windowed_attention(t):
+    import vlm_kernels as vk
+
+    q, k, v, bias = (_leaf(t[n]) for n in ("q", "k", "v", "bias"))
+    out = vk.windowed_attention(q, k, v, bias=bias)
+    out.backward(t["grad"])
+    return out.detach(), q.grad, k.grad, v.grad, bias.grad
+
+
+WORKLOADS = {
+    "gumbel_softmax_soft": (_gumbel_inputs, lambda t: _run_gumbel_softmax(t, False)),
+    "gumbel_softmax_hard": (_gumbel_inputs, lambda t: _run_gumbel_softmax(t, True)),
+    "gumbel_argmax": (_gumbel_inputs, _run_gumbel_argmax),
+    "categorical_kl_uniform": (_gumbel_inputs, _run_kl),
+    "vq_nearest": (_vq_inputs, _run_vq_nearest),
+    "vq_quantize": (_vq_inputs, _run_vq_quantize),
+    "vq_code_stats": (_vq_inputs, _run_vq_code_stats),
+    "window_attention": (_wa_inputs, _run_window_attention),
+    "windowed_attention": (_wd_inputs, _run_windowed_attention),
+}
+WORKLOAD_TABLES = {"gumbel": ("gumbel_softmax_soft", "gumbel_softmax_hard", "gumbel_argmax", "categorical_kl_uniform"),
+                   "vq": ("vq_nearest", "vq_quantize", "vq_code_stats"),
+                   "window_attention": ("window_attention", "windowed_attention")}
+
+
+def workload_table(name: str):
+    from vlm_kernels.ops import gumbel, vq, window_attention
+
+    family = next(f for f, names in WORKLOAD_TABLES.items() if name in names)
+    return {"gumbel": gumbel.TABLE, "vq": vq.TABLE, "window_attention": window_attention.TABLE}[family]
+
+
+def workload_entry(name: str) -> str:
+    return {"gumbel_softmax_soft": "softmax_forward", "gumbel_softmax_hard": "softmax_forward",
+            "gumbel_argmax": "argmax", "categorical_kl_uniform": "kl_forward", "vq_nearest": "nearest",
+            "vq_quantize": "nearest", "vq_code_stats": "code_stats", "window_attention": "forward",
+            "windowed_attention": "windowed_forward"}[name]

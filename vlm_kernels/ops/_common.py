@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from typing import Union
 
 import torch
@@ -192,6 +193,13 @@ def compiled_kernel(name: str):
     return call
 
 
+# Triton's interpreter (CPU tensors under TRITON_INTERPRET=1) patches triton.language module-wide while
+# a kernel runs and restores it afterwards, so two interpreted launches from different threads break
+# each other ("Did you forget to add @triton.jit?"). Interpreted launches therefore take turns; GPU
+# launches do not need (or take) the lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def triton_kernel(module: str, name: str):
     """A backend entry that calls ``vlm_kernels.triton.<module>.<name>``: Triton is imported only when
     this backend runs, and kernels launch on the device of the first tensor argument."""
@@ -202,7 +210,8 @@ def triton_kernel(module: str, name: str):
         launchers = importlib.import_module(f"vlm_kernels.triton.{module}")
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         if device.type != "cuda":
-            return getattr(launchers, name)(*args)
+            with _INTERPRETER_LOCK:
+                return getattr(launchers, name)(*args)
         with torch.cuda.device(device):  # Triton launches on the current device
             return getattr(launchers, name)(*args)
 

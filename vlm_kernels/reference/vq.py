@@ -59,7 +59,9 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _repeats_earlier_row(t: torch.Tensor) -> torch.Tensor:
     """(K,) bool: row k equals (bit for bit) some row j < k."""
-    bits = t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+    # A fresh row-major copy: contiguous() keeps odd strides on size-1 dims (a (1, 1) slice with
+    # stride 2 is "contiguous"), which view(uint8) rejects.
+    bits = t.clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(t.shape[0], -1)
     _, inverse = torch.unique(bits, dim=0, return_inverse=True)
     order = torch.arange(t.shape[0], device=t.device)
     first = torch.full((int(inverse.max()) + 1,), t.shape[0], dtype=torch.int64, device=t.device)
