@@ -183,8 +183,8 @@ class LLaVA(nn.Module):
         image = self.image_embeddings(images)
         input_ids = check_token_ids("LLaVA", "input_ids", input_ids, self.config.vocab_size, batch=images.shape[0])
         if image.shape[1] + input_ids.shape[1] > self.config.max_len:
-            raise ValueError(f"LLaVA: input_ids has {input_ids.shape[1]} tokens; with the {image.shape[1]} image "
-                             f"tokens that exceeds max_len {self.config.max_len}, got {describe(input_ids)}")
+            raise ValueError(f"LLaVA: input_ids has {input_ids.shape[1]} tokens: with the {image.shape[1]} image "
+                             f"tokens they exceed max_len {self.config.max_len}, got {describe(input_ids)}")
         return self._decode(torch.cat([image, self.embed_tokens(input_ids)], dim=1))
 
     def loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:

@@ -61,7 +61,9 @@ def settings_for(backend: str, cheap: int):
 
 
 def _huge(dtype):
-    return {torch.float16: 6e4, torch.bfloat16: 1e30, torch.float32: 1e30, torch.float64: 1e200}[dtype]
+    # float64: below 1.3e154, whose square is the largest float64 (beyond it the float64 answer itself
+    # overflows, and the contract says nothing about cosines of such vectors)
+    return {torch.float16: 6e4, torch.bfloat16: 1e30, torch.float32: 1e30, torch.float64: 1e150}[dtype]
 
 
 def _tiny(dtype):
@@ -355,6 +357,35 @@ def test_vector_quantizer_sequences_match_the_reference(backend, decay):
             assert (ours.cluster_size >= 0).all() if decay else True
 
     check()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Findings of the property runs, kept as regular tests
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finding_vq_on_a_one_by_one_strided_codebook(backend):
+    """A (1, 1) slice with stride 2 counts as contiguous; the reference crashed viewing it as bytes."""
+    _skip_unless_runs(backend)
+    big = torch.zeros(1, 3)
+    big[0, 1] = 0.5
+    codebook = big[:, 1::2]
+    assert codebook.is_contiguous() and codebook.stride(-1) == 2
+    with vk.use_backend(backend):
+        index, distance = vk.vq_nearest(torch.tensor([[0.1]]), codebook)
+    assert index.tolist() == [0] and math.isclose(float(distance), 0.16, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_finding_vq_float64_code_whose_distance_overflows(backend):
+    """float64 codes at 1e200: their squared distance is inf, a finite one wins (the reference's centred
+    expanded form overflowed for every code and returned index 0)."""
+    _skip_unless_runs(backend)
+    x = torch.tensor([[0.0015]], dtype=torch.float64)
+    codebook = torch.tensor([[1e200], [-2.9343e-04]], dtype=torch.float64)
+    with vk.use_backend(backend):
+        index, distance = vk.vq_nearest(x, codebook)
+    assert index.tolist() == [1] and math.isclose(float(distance), (0.0015 + 2.9343e-04) ** 2, rel_tol=1e-6)
 
 
 def test_budget_mode_is_known():

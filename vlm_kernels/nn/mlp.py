@@ -194,6 +194,8 @@ class Mlp(nn.Module):
                 and not _autocast_on(x.device.type))
 
     def _check_input(self, x: object) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+            return
         width = getattr(self.fc1, "in_features", None)  # None: a wrapped timm Mlp with another kind of fc1
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = describe(x) if isinstance(x, Tensor) else type(x).__name__
