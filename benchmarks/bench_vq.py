@@ -9,6 +9,11 @@ Training step (forward, backward, EMA update; K = 8192, D = 256, decay 0.99): vl
 against vector-quantize-pytorch's VectorQuantize with the same arguments (its plain straight-through
 estimator: rotation_trick=False).
 
+Residual VQ training step (forward, the summed stage losses, backward, EMA update; SoundStream/EnCodec's
+shape: 8 quantizers of K = 1024, D = 256, rows as (B, 2048, D) sequences): vlm_kernels.nn.ResidualVQ against
+vector-quantize-pytorch's ResidualVQ, both with their defaults (decay 0.8, rotation trick) and the same
+initial codebooks (one seed: our layers draw them as theirs do).
+
 Runner: ``python -m benchmarks.run --ops vq``. pytest-benchmark: ``pytest benchmarks/bench_vq.py``.
 """
 
@@ -33,6 +38,13 @@ CPU_STEP_TARGETS = [Target("vector-quantize-pytorch", 3.0, ">=3x vector-quantize
 GPU_LOOKUP_TARGETS = [Target("torch.cdist + argmin", 5.0, ">=5x torch.cdist + argmin"),
                       Target("torch.matmul x@e^T TF32", 0.6, ">=60% of the TF32 matmul rate on the distance product")]
 GPU_STEP_TARGETS: list[Target] = []
+RVQ_QUANTIZERS, RVQ_K, RVQ_T = 8, 1024, 2048
+RVQ_FULL_N, RVQ_GPU_N, RVQ_QUICK_N = (65536,), (65536,), (2048,)
+RVQ_MEMORY_TARGET = Target("vector-quantize-pytorch", 0.0, "peak memory <= 1/4 of vector-quantize-pytorch's",
+                           max_peak_ratio=0.25)
+CPU_RVQ_TARGETS = [Target("vector-quantize-pytorch", 3.0, ">=3x vector-quantize-pytorch ResidualVQ training step"),
+                   RVQ_MEMORY_TARGET]
+GPU_RVQ_TARGETS = [RVQ_MEMORY_TARGET]
 
 
 def _data(n, k, device, seed=0):
@@ -85,7 +97,7 @@ def _train_step(kind, n, k, device):
     def setup():
         x, _ = _data(n, k, device, seed=1)
         if kind == "ours":
-            layer = VectorQuantizer(D, k, decay=0.99, commitment_weight=0.25)
+            layer = VectorQuantizer(D, k, decay=0.99, commitment_weight=0.25, rotation_trick=False)
         else:
             from vector_quantize_pytorch import VectorQuantize
 
@@ -97,6 +109,30 @@ def _train_step(kind, n, k, device):
         def step():
             quantized, _, loss = layer(xg)
             (loss + (quantized * g).sum()).backward()
+            xg.grad = None
+
+        return step
+
+    return setup
+
+
+def _residual_step(kind, n, device):
+    def setup():
+        x, _ = _data(n, 1, device, seed=2)
+        torch.manual_seed(0)  # the same initial codebooks for both
+        if kind == "ours":
+            layer = vk.nn.ResidualVQ(dim=D, num_quantizers=RVQ_QUANTIZERS, codebook_size=RVQ_K)
+        else:
+            from vector_quantize_pytorch import ResidualVQ
+
+            layer = ResidualVQ(dim=D, num_quantizers=RVQ_QUANTIZERS, codebook_size=RVQ_K)
+        layer = layer.to(device).train()
+        xg = x.reshape(-1, min(n, RVQ_T), D).clone().requires_grad_(True)
+        g = torch.randn_like(xg)
+
+        def step():
+            quantized, _, losses = layer(xg)
+            (losses.sum() + (quantized * g).sum()).backward()
             xg.grad = None
 
         return step
@@ -130,6 +166,12 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
                  "vector-quantize-pytorch": _train_step("vqp", n, k, device)}
         out.append(Case("VectorQuantizer", f"N={n} K={k} D={D} EMA", "train step", "float32", "vlm_kernels", impls,
                         list(GPU_STEP_TARGETS if gpu else CPU_STEP_TARGETS), repeats=3, extended=gpu))
+    for n in RVQ_QUICK_N if quick else (RVQ_GPU_N if gpu else RVQ_FULL_N):
+        impls = {"vlm_kernels": _residual_step("ours", n, device),
+                 "vector-quantize-pytorch": _residual_step("vqp", n, device)}
+        out.append(Case("ResidualVQ", f"ResidualVQ(dim={D}, num_quantizers={RVQ_QUANTIZERS}, codebook_size={RVQ_K}) "
+                        f"N={n}", "train step", "float32", "vlm_kernels", impls,
+                        list(GPU_RVQ_TARGETS if gpu else CPU_RVQ_TARGETS), repeats=3 if gpu else 2, extended=gpu))
     return out
 
 

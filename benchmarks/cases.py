@@ -12,13 +12,15 @@ class Target:
     ``"floor"``, ``floor_time / our_time >= min_ratio`` (the case's floor_bytes at the measured copy
     bandwidth; 0.5 means 'within 2x of the memory floor'); with ``max_bytes``, a memory target: our
     peak extra memory ``<= max_bytes``; with ``max_seconds``, a time target: our time per call
-    ``<= max_seconds`` (host overhead)."""
+    ``<= max_seconds`` (host overhead); with ``max_peak_ratio``, a memory target against ``peer``: our
+    peak extra memory ``<= max_peak_ratio`` times the peer's."""
 
     peer: str
     min_ratio: float
     label: str
     max_bytes: Optional[int] = None
     max_seconds: Optional[float] = None
+    max_peak_ratio: Optional[float] = None
 
 
 @dataclass

@@ -301,6 +301,9 @@ class Case:
     elements: int = 0
     dot_dtype: str = ""  # "bf16", "fp16" or "tf32" for the tensor-core rate
     trips: dict = field(default_factory=dict)
+    # The kernels wait for their tensor-core results before the epilogue (no warp specialisation): the
+    # issue and tensor times add up instead of overlapping.
+    serial: bool = False
     target: Optional[tuple] = None
 
 
@@ -318,6 +321,11 @@ def gumbel_cases() -> list[Case]:
 
     import vlm_kernels as vk
 
+    # The argmax and hard kernels walk K = 8192 in chunks of BC (rows) or BR (columns) elements.
+    def chunks(m):
+        return {0: -(-8192 // (m["BC"] if m["LAST_DIM"] else m["BR"]))}
+
+    trips = {"_gumbel_argmax_kernel": chunks, "_gumbel_hard_fwd_kernel": chunks}
     out = []
     for label, shape, dim in (("(64,8192,32,32) dim=1", (64, 8192, 32, 32), 1),
                               ("(65536,8192) dim=-1", (65536, 8192), -1)):
@@ -342,10 +350,10 @@ def gumbel_cases() -> list[Case]:
             Case("gumbel", f"{label} fwd soft fp32", soft, bytes=8 * numel, elements=numel,
                  target=("copy", 0.85, ">=85% of copy bandwidth")),
             Case("gumbel", f"{label} fwd hard fp32", hard, bytes=8 * numel, elements=numel,
-                 target=("copy", 0.85, ">=85% of copy bandwidth")),
+                 target=("copy", 0.85, ">=85% of copy bandwidth"), trips=trips),
             Case("gumbel", f"{label} fwd+bwd soft fp32", fwd_bwd, bytes=20 * numel, elements=numel,
                  target=("copy", 0.70, ">=70% of copy bandwidth")),
-            Case("gumbel", f"{label} argmax fp32", argmax, bytes=4 * numel, elements=numel),
+            Case("gumbel", f"{label} argmax fp32", argmax, bytes=4 * numel, elements=numel, trips=trips),
         ]
     return out
 
@@ -356,11 +364,17 @@ def vq_cases() -> list[Case]:
     import vlm_kernels as vk
 
     n, k, d = 65536, 8192, 256
-    # Loops of the nearest kernel by body size: code tiles, D chunks inside them, then the narrow D
-    # chunks of the norm pass and of the float64 re-score. The rescan's loops depend on how many rows
-    # are flagged (data): left at one trip, a lower bound.
-    trips = {"_vq_nearest_kernel": lambda m: {0: k // m["BLOCK_N"], 1: 1 if m["SINGLE_D"] else d // m["BLOCK_D"],
-                                              2: d // m["RESCORE_D"], 3: d // m["RESCORE_D"]}}
+    # Loops of the nearest kernel by body size: code tiles, the narrow D chunks of the norm and re-score
+    # passes (and the D chunks of the streamed variant). The rescan's loops depend on how many rows are
+    # flagged (data): left at one trip, a lower bound.
+    # (the first code tile is peeled out of the loop, hence k/BLOCK_N - 1 trips)
+    def nearest_trips(m):
+        tiles, rd = k // m["BLOCK_N"] - 1, d // m["RESCORE_D"]
+        if m["SINGLE_D"]:
+            return {0: tiles, 1: rd, 2: rd, 3: rd}
+        return {0: tiles, 1: rd, 2: d // m["BLOCK_D"], 3: d // m["BLOCK_D"], 4: rd, 5: rd}
+
+    trips = {"_vq_nearest_kernel": nearest_trips}
 
     def lookup():
         import torch
@@ -378,10 +392,15 @@ def vq_cases() -> list[Case]:
     return [
         Case("vq", f"vq_nearest N={n} K={k} D={d} fp32 (TF32 tiles)", lookup, bytes=4 * (n * d + k * d) + 12 * n,
              flops=2 * n * k * d, dot_dtype="tf32", target=("tensor", 0.6, ">=60% of the TF32 matmul rate"),
-             trips=trips),
+             trips=trips, serial=True),
         Case("vq", f"vq_quantize fwd+bwd N={n} K={k} D={d} fp32", quantize, bytes=4 * (4 * n * d + 2 * k * d),
-             flops=2 * n * k * d, dot_dtype="tf32", trips=trips),
+             flops=2 * n * k * d, dot_dtype="tf32", trips=trips, serial=True),
     ]
+
+
+def _windows_per_program(units: int):
+    """Trip count of a window-attention program's window loop: its share of the (window, head) pairs."""
+    return lambda meta, programs: {0: -(-units // programs)}
 
 
 SWIN_STAGES = (("stage 1 56x56 C=96 h=3", (56, 56), 96, 3), ("stage 3 14x14 C=384 h=12", (14, 14), 384, 12))
@@ -420,14 +439,19 @@ def window_attention_cases(batch: int = 64) -> list[Case]:
 
                 n_tok = window * window
                 flops = 4 * tokens * n_tok * c  # QK^T and PV over every window (padded maps aside)
+                units = batch * (h // window) * (w // window) * heads  # (window, head) pairs
+                # each program walks a run of windows of one head: its loop runs units / programs times
+                per_program = {"_fwd_kernel": _windows_per_program(units),
+                               "_bwd_fused_kernel": _windows_per_program(units)}
                 out.append(Case("window_attention", f"{label} B={batch} {version} fwd {dname}", fwd,
                                 bytes=tokens * c * size * 4, flops=flops,
                                 dot_dtype="bf16" if dname == "bf16" else "tf32",
                                 target=("floor", 0.5, "within 2x of the HBM floor")
-                                if (label.startswith("stage 1") and dname == "bf16" and version == "v1") else None))
+                                if (label.startswith("stage 1") and dname == "bf16" and version == "v1") else None,
+                                trips=per_program))
                 out.append(Case("window_attention", f"{label} B={batch} {version} fwd+bwd {dname}", fwd_bwd,
                                 bytes=tokens * c * size * 11, flops=flops * 3.5,
-                                dot_dtype="bf16" if dname == "bf16" else "tf32"))
+                                dot_dtype="bf16" if dname == "bf16" else "tf32", trips=per_program))
     return out
 
 
@@ -493,7 +517,8 @@ def analyse_case(case: Case, launches: list[Launch], keep_sass: Optional[str] = 
             res_all, sass_all, sass_text = read_cubin(path)
             name = next(iter(sass_all), launch.kernel)
             trips_fn = case.trips.get(launch.kernel)
-            trips = trips_fn(launch.meta) if trips_fn else {}
+            trips = {} if not trips_fn else (trips_fn(launch.meta, launch.programs)
+                                             if trips_fn.__code__.co_argcount == 2 else trips_fn(launch.meta))
             trips = {0: int(trips)} if isinstance(trips, (int, float)) else {int(k): int(v) for k, v in trips.items()}
             rows.append(_kernel_row(launch, res_all.get(name, {}), sass_all.get(name, Sass()), trips))
             if keep_sass:
@@ -513,7 +538,7 @@ def analyse_case(case: Case, launches: list[Launch], keep_sass: Optional[str] = 
     if case.flops and not any(r["tensor_cores"] != "none" for r in rows):
         rate = FP32_RATE
     flops_s = case.flops / rate if case.flops else 0.0
-    predicted = max(issue_s, bytes_s, flops_s)
+    predicted = max(issue_s + flops_s, bytes_s) if case.serial else max(issue_s, bytes_s, flops_s)
     rec = {"op": case.op, "case": case.label, "bytes": case.bytes, "flops": case.flops, "elements": case.elements,
            "bytes_floor_s": bytes_s, "flops_floor_s": flops_s, "issue_bound_s": issue_s,
            "predicted_s": predicted, "lower_bound": any(r["lower_bound"] for r in best.values()),

@@ -7,7 +7,7 @@
 #   3. the headline target timings (Triton ops while the build runs, then the rest)
 #                                                      -> bench_cuda_headline.json
 #   4. correctness of every op on every GPU backend against the reference (the `cuda`-marked tests),
-#      one pytest process per test file, four at a time -> tests.txt
+#      one pytest process per test file, up to eight at a time -> tests.txt
 #   5. the per-op runner, torch.compile / FlexAttention peers and whole blocks/models off
 #                                                      -> bench_cuda_main.json
 #   6. if time remains, the extended pass               -> bench_cuda_extended.json
@@ -131,7 +131,7 @@ runner "$(cap 120 240)" --mode headline --ops gumbel,overhead --append
 
 say "== 4. correctness on the GPU (cuda-marked tests, one process per file) =="
 TESTS_DIR=$(mktemp -d)
-T4=$(cap 180 120)
+T4=$(cap 240 100)
 MARK=(-m cuda)
 [ "$DEVICE" = cpu ] && MARK=(-m cuda --collect-only)  # rehearsal: collect only (no device to run them on)
 test_file() {
@@ -143,7 +143,7 @@ test_file() {
 if [ "$T4" -gt 0 ]; then
   pids=()
   for f in $(grep -l "pytest.mark.cuda" tests/test_*.py); do
-    while [ "$(jobs -rp | wc -l)" -ge 5 ]; do sleep 1; done  # four test processes (+ a build still running)
+    while [ "$(jobs -rp | wc -l)" -ge 8 ]; do sleep 1; done  # up to eight test processes on 16 cores
     test_file "$f" &
     pids+=($!)
   done

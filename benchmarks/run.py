@@ -31,7 +31,7 @@ from .harness import copy_bandwidth, machine_record, measure_many
 
 OPS = {"gumbel": "benchmarks.bench_gumbel", "vq": "benchmarks.bench_vq",
        "window_attention": "benchmarks.bench_window_attention", "models": "benchmarks.bench_models",
-       "overhead": "benchmarks.bench_overhead"}
+       "overhead": "benchmarks.bench_overhead", "transformers": "benchmarks.bench_transformers"}
 
 
 def _fmt_bytes(n):
@@ -130,6 +130,13 @@ def run_case(case, device, bandwidth, impls=None):
             record["targets"].append({"target": t.label, "peer": "", "max_bytes": t.max_bytes, "ratio": None,
                                       "peak_bytes": peak, "met": None if peak is None else bool(peak <= t.max_bytes)})
             continue
+        if t.max_peak_ratio is not None:
+            peak, peer_peak = ours.get("peak_bytes"), rows.get(t.peer, {}).get("peak_bytes")
+            ratio = peak / peer_peak if peak is not None and peer_peak else None
+            record["targets"].append({"target": t.label, "peer": t.peer, "max_peak_ratio": t.max_peak_ratio,
+                                      "ratio": ratio, "peak_bytes": peak, "peer_peak_bytes": peer_peak,
+                                      "met": None if ratio is None else bool(ratio <= t.max_peak_ratio)})
+            continue
         if t.peer == "floor":
             ratio = record.get("fraction_of_copy_bandwidth")
         else:
@@ -161,6 +168,11 @@ def print_case(rec):
             continue
         if "max_bytes" in t:
             print(f"  target {t['target']}: peak {_fmt_bytes(t['peak_bytes'])} -> {mark}")
+            continue
+        if "max_peak_ratio" in t:
+            ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+            print(f"  target {t['target']}: peak {_fmt_bytes(t['peak_bytes'])} vs {_fmt_bytes(t['peer_peak_bytes'])}, "
+                  f"ratio {ratio} -> {mark}")
             continue
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
         print(f"  target {t['target']}: ratio {ratio} -> {mark}")

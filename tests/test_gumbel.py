@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import vlm_kernels as vk
 from vlm_kernels import _backend
 from vlm_kernels.reference import gumbel as ref
-from vlm_kernels.reference.philox import gumbel_noise, philox_first, uniform_from_bits
+from vlm_kernels.reference.philox import gumbel_noise, philox4, uniform_from_bits
 
 # (shape, dim): odd sizes on purpose; dim=1 of NCHW is the dVAE layout.
 CASES = [
@@ -150,18 +150,20 @@ def test_seed_accepts_tensor_and_full_64_bit_range():
 
 
 def test_philox_known_answers():
-    # Philox4x32-10 first words for counters 0..3, key 0 (as Triton's tl.randint(0, offset) gives).
-    words = philox_first(torch.arange(4), 0).tolist()
-    assert words == [1713891541, 4175744164, 83534633, 3381718825]
+    # Philox4x32-10 words for counters 0..3, key 0 (Triton's tl.randint4x(0, counter)); the first words are
+    # tl.randint(0, counter)'s.
+    words = philox4(torch.arange(4), 0)
+    assert words[0].tolist() == [1713891541, 4175744164, 83534633, 3381718825]
+    assert [int(w[0]) for w in words] == [1713891541, 3781805453, 3159862348, 2600524760]
 
 
 def test_noise_finite_at_every_uniform_extreme():
     bits = torch.tensor([0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1])
     u = uniform_from_bits(bits)
-    assert (u > 0).all() and (u < 1).all()
-    from vlm_kernels.reference.philox import vlm_logf
+    assert (u >= 0).all() and (u < 1).all() and (u[[0, 7]] == 0).all()  # tl.rand's mapping: 0 included
+    from vlm_kernels.reference.philox import noise_from_bits
 
-    g = -vlm_logf(-vlm_logf(u))
+    g = noise_from_bits(bits)
     assert torch.isfinite(g).all(), g
 
 
@@ -337,6 +339,37 @@ def test_automatic_fallback_warns_once(monkeypatch):
         vk.gumbel_softmax(x, seed=0)  # no second warning
 
 
+def test_cuda_tensors_start_with_the_backend_chosen_per_layout(monkeypatch):
+    """The automatic order on CUDA tensors follows ops.gumbel.CUDA_FIRST per entry and layout (decided from the
+    offline sm_90 compile, flipped by the GPU check); a forced backend ignores it. No GPU needed: the choice
+    only reads shapes and asks each backend whether it can run."""
+    from vlm_kernels.ops import gumbel as ops
+
+    cuda = torch.device("cuda")
+    rows, cols = torch.empty(4, 8192), torch.empty(2, 8192, 4, 4)
+    assert ops.cuda_layout(rows, 1) == "rows" and ops.cuda_layout(cols, 1) == "columns"
+    assert ops.cuda_layout(torch.empty(2, 40000), 1) == "rows long"
+    assert ops.cuda_layout(torch.empty(2, 9000, 3), 1) == "columns long"
+    for entry, args in (("softmax_forward", (rows, 1, 1.0, False, 1)), ("argmax", (cols, 1, 1)),
+                        ("softmax_backward", (cols, cols, 1, 1.0, False, 1))):
+        first = ops.CUDA_FIRST[entry][ops.cuda_layout(args[1] if entry == "softmax_backward" else args[0], 1)]
+        order = ops.TABLE.cuda_order(entry, *args)
+        assert order[0] == first and sorted(order) == sorted(ops.TABLE.order["cuda"])
+    # KL has no entry: the default order.
+    assert ops.TABLE.cuda_order("kl_forward", rows, 1) == ops.TABLE.order["cuda"]
+    if _backend.device_reason("triton", cuda):
+        pytest.skip("triton cannot be chosen here")
+    # Flipping an entry to cuda: tried first, and (no compiled CUDA kernels here) a warned fallback to triton.
+    monkeypatch.setitem(ops.CUDA_FIRST, "argmax", dict(ops.CUDA_FIRST["argmax"], columns="cuda"))
+    monkeypatch.setattr(_backend, "_warned", set())
+    assert ops.TABLE.cuda_order("argmax", cols, 1, 1)[0] == "cuda"
+    if _backend.device_reason("cuda", cuda):
+        with pytest.warns(RuntimeWarning, match="falling back to the triton backend"):
+            assert ops.TABLE.select("argmax", cuda, cols, 1, 1)[0] == "triton"
+    with vk.use_backend("reference"):
+        assert ops.TABLE.select("argmax", cuda, cols, 1, 1)[0] == "reference"
+
+
 def test_info_lists_every_backend():
     text = vk.info()
     for name in vk.BACKENDS:
@@ -390,11 +423,28 @@ def test_empty_batch_is_fine(cpu_backend):
 # GPU (run by benchmarks/gpu_check.sh)
 
 
+# GPU layouts beyond CASES (float32 only, to keep compiles few): aligned columns and rows (one Philox call
+# per quad, vector access), columns past the one-read strip (two passes), long rows, rows whose group spans
+# 2 warps with 2 groups in a block (K = 2000 on CUDA, K = 200 for the CUDA KL kernel), unaligned columns.
+GPU_LAYOUTS = [((2, 9000, 8), 1), ((4, 300, 8), 1), ((2, 300, 6), 1), ((6, 2000), -1), ((5, 200), -1),
+               ((3, 40000), -1), ((2, 8, 12), 1)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape,dim", CASES + [((8, 8192, 4, 4), 1), ((64, 8192), -1), ((3, 20000), -1)])
 def test_gpu_matches_reference(gpu_backend, shape, dim):
+    _gpu_matches_reference(gpu_backend, shape, dim, DTYPES)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,dim", GPU_LAYOUTS)
+def test_gpu_layouts_match_reference(gpu_backend, shape, dim):
+    _gpu_matches_reference(gpu_backend, shape, dim, (torch.float32,))
+
+
+def _gpu_matches_reference(gpu_backend, shape, dim, dtypes):
     d = dim % len(shape)
-    for dtype in DTYPES:
+    for dtype in dtypes:
         x = _logits(shape, dtype)
         xc = x.cuda()
         with vk.use_backend(gpu_backend):
@@ -402,13 +452,38 @@ def test_gpu_matches_reference(gpu_backend, shape, dim):
             hard = vk.gumbel_softmax(xc, tau=0.5, hard=True, dim=dim, seed=77).cpu()
             idx = vk.gumbel_argmax(xc, dim=dim, seed=77).cpu()
             kl = vk.categorical_kl_uniform(xc, dim=dim).cpu()
-            xr = xc.clone().requires_grad_(True)
-            (gx,) = torch.autograd.grad(vk.gumbel_softmax(xr, tau=0.5, hard=True, dim=dim, seed=77), xr, torch.ones_like(xr))
+            dy = _logits(shape, dtype, scale=1.0, seed=1)
+            grads = {}
+            for hard_bwd in (False, True):
+                xr = xc.clone().requires_grad_(True)
+                (grads[hard_bwd],) = torch.autograd.grad(vk.gumbel_softmax(xr, tau=0.5, hard=hard_bwd, dim=dim, seed=77),
+                                                         xr, dy.cuda())
         torch.testing.assert_close(soft.double(), ref.gumbel_softmax_forward(x, 77, 0.5, False, d).double(),
                                    atol=SOFT_ATOL[dtype], rtol=1e-3)
         assert torch.equal(hard, ref.gumbel_softmax_forward(x, 77, 0.5, True, d)), (gpu_backend, dtype, shape)
         assert torch.equal(idx, ref.gumbel_argmax(x, 77, d))
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(kl.double(), ref.categorical_kl_uniform_forward(x, d).double(), atol=tol, rtol=tol)
-        torch.testing.assert_close(gx.cpu().double(), ref.gumbel_softmax_backward(torch.ones_like(x), x, 77, 0.5, True, d).double(),
-                                   atol=tol, rtol=tol)
+        for hard_bwd, gx in grads.items():
+            saved = x if hard_bwd else soft  # the soft backward takes the sample this backend produced
+            torch.testing.assert_close(gx.cpu().double(),
+                                       ref.gumbel_softmax_backward(dy, saved, 77, 0.5, hard_bwd, d).double(),
+                                       atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+def test_gpu_misaligned_views_and_same_bits_across_gpu_backends(gpu_backend):
+    """A logits view whose data pointer is not 4-element aligned (storage offset 1) gives the reference's
+    samples; argmax and hard samples are the same bits on every backend."""
+    base = _logits((4 * 300 * 8 + 1,), torch.float32).cuda()
+    for shape, dim in (((4, 300, 8), 1), ((8, 300), -1)):
+        x = base[1:1 + math.prod(shape)].view(shape)
+        with vk.use_backend(gpu_backend):
+            hard = vk.gumbel_softmax(x, tau=0.5, hard=True, dim=dim, seed=2**32 + 3).cpu()
+            soft = vk.gumbel_softmax(x, tau=0.5, dim=dim, seed=2**32 + 3).cpu()
+            idx = vk.gumbel_argmax(x, dim=dim, seed=2**32 + 3).cpu()
+        d = dim % len(shape)
+        xc = x.cpu()
+        assert torch.equal(hard, ref.gumbel_softmax_forward(xc, 2**32 + 3, 0.5, True, d))
+        assert torch.equal(idx, ref.gumbel_argmax(xc, 2**32 + 3, d))
+        torch.testing.assert_close(soft, ref.gumbel_softmax_forward(xc, 2**32 + 3, 0.5, False, d), atol=2e-6, rtol=1e-5)

@@ -451,7 +451,7 @@ def test_layer_compiles_without_recompiling():
         q, idx, loss = compiled(xg)
         (loss + q.sum()).backward()
     assert counts["frames"] == 1
-    learned = VectorQuantizer(16, 32)
+    learned = VectorQuantizer(16, 32, decay=None)  # a learned codebook (the default is an EMA codebook)
     step = torch.compile(learned, fullgraph=True)
     for _ in range(2):
         xg = x.clone().requires_grad_()

@@ -1,4 +1,5 @@
-"""Triton-specific tests of ``vlm_kernels.triton.vq`` (run through the interpreter on CPU).
+"""Triton-specific tests of ``vlm_kernels.triton.vq``: through the interpreter on CPU tensors, and (``cuda``
+marker) compiled on a GPU.
 
 The oracle here is :func:`exact_nearest`: the float64 direct-difference distance to every code (small
 shapes only), lowest index on exact ties, the reference's non-finite rules. Small tile sizes are forced so
@@ -12,17 +13,27 @@ import torch
 
 from conftest import backend_reason
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
+# On a GPU machine (no TRITON_INTERPRET) the interpreter tests skip and the `cuda` ones run.
 _REASON = backend_reason("triton", "cpu")
-if _REASON:
-    pytest.skip(f"triton: {_REASON}", allow_module_level=True)
+_CUDA_REASON = backend_reason("triton", "cuda") if torch.cuda.is_available() else "no CUDA device"
+if _REASON and _CUDA_REASON:
+    pytest.skip(f"triton: {_REASON}; {_CUDA_REASON}", allow_module_level=True)
 
 import vlm_kernels  # noqa: E402
 from vlm_kernels.reference import vq as ref  # noqa: E402
 from vlm_kernels.triton import vq as tvq  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_or_cuda(request):
+    if _REASON and "cuda" not in request.keywords:
+        pytest.skip(f"triton on CPU tensors: {_REASON}")
+
+
 SMALL = dict(block_m=16, max_block_n=16, max_block_d=16)  # many programs, tiles and D chunks
 
 
@@ -154,6 +165,56 @@ def test_forced_rescan_every_row(dtype, metric):
     assert flagged == 23
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("cap", [None, 5], ids=["split", "over-cap"])
+def test_split_rescan(metric, cap):
+    """The rescan with the codebook split into ranges (4 ranges of 32 codes, the last one short) and the
+    per-range winners reduced, or, past the cap of flagged rows, whole rows per work item. Codes repeated in
+    other ranges must lose to their first copy; 3 programs loop over the work items."""
+    x, cb = data((3, 7, 9), torch.float32, 0.5, 37), data((70, 7), torch.float32, 0.5, 38)
+    cb[40] = cb[3]
+    cb[65] = cb[3]
+    cb[33] = cb[31]
+    x[0, :, 0] = cb[3]
+    x[1, :, 1] = cb[31]
+    x[2, :, 2] = cb[65] * 2.0  # cosine: parallel to codes 3, 40 and 65
+    x[2, 3, 5] = math.nan
+    cb[50, 2] = math.inf
+    x[2, :, 3] = cb[50].nan_to_num(posinf=100.0)
+    kw = dict(force_rescan=True, max_block_n=16, rescan_split_codes=16, rescan_cap=cap)
+    assert check(x, cb, 1, metric, **kw) == 26
+    idx, _ = tvq.vq_nearest(x, cb, 1, metric, **kw)
+    assert idx[0, 0] == 3 and idx[1, 1] == 31 and idx[2, 2] == 3 and idx[2, 3] != 50
+
+
+class _ResidentOutOfResources:
+    """Stands in for the main kernel: the resident variant "runs out of shared memory", as the Triton 3.8
+    build of the D = 256 configuration does on sm_90; other variants run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.seen.append((meta["SINGLE_D"], meta["BLOCK_D"]))
+            if meta["SINGLE_D"]:
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+def test_resident_falls_back_to_streaming(monkeypatch):
+    fake = _ResidentOutOfResources(tvq._vq_nearest_kernel)
+    monkeypatch.setattr(tvq, "_vq_nearest_kernel", fake)
+    monkeypatch.setattr(tvq, "_RESIDENT_FAILED", set())
+    x, cb = data((40, 72), torch.float32, 1.0, 39), data((90, 72), torch.float32, 1.0, 40)
+    check(x, cb, -1, "l2", max_block_n=32)
+    check(x, cb, -1, "cosine", max_block_n=32)
+    # First call: tried resident, fell back to D chunks; later calls with that configuration go straight
+    # to the fallback.
+    assert fake.seen == [(True, 128), (False, tvq.LOOP_BLOCK_D), (False, tvq.LOOP_BLOCK_D)]
+
+
 def test_ties_pick_the_lowest_index():
     """Duplicated codes and coarse bf16 data far from the origin give exact float64 ties."""
     cb = data((50, 16), torch.float32, 0.0, 12)
@@ -231,11 +292,25 @@ def test_public_api(shape, dim):
 
 # ----------------------------------------------------------------------------------------------------
 # The error bound itself, checked in plain PyTorch: emulate the kernel's approximate scores (fp32 centring,
-# TF32-truncated or fp16 operands, fp32 accumulation) and compare them with float64.
+# operands rounded to the nearest TF32 value then truncated as Hopper does, or fp16 operands; fp32
+# accumulation) and compare them with float64.
 
 
 def _tf32(t):
     return (t.view(torch.int32) & -8192).view(torch.float32)
+
+
+def test_round_tf32():
+    """Nearest TF32 value: relative error <= 2^-11 (the bound's u_p), a fixed point of the truncation, and
+    the codebook the kernel reads is already rounded."""
+    t = torch.cat([data((4000,), torch.float32, 0.0, 35) * 10.0 ** torch.arange(-20, 20, 0.01)[:4000],
+                   torch.tensor([0.0, -0.0, 1.0, -1.5, 2.0**-130, 3.0e38])])
+    r = tvq.round_tf32(t)
+    assert torch.equal(_tf32(r), r)
+    rel = ((r.double() - t.double()).abs() / t.double().abs().clamp_min(2.0**-149)).max().item()
+    assert rel <= 2.0**-11
+    prepared = tvq._prepare_codebook(data((50, 20), torch.float32, 3.0, 36), "l2", torch.float32)[0]
+    assert torch.equal(_tf32(prepared), prepared)
 
 
 @pytest.mark.parametrize("D", [3, 64, 257])
@@ -249,7 +324,7 @@ def test_error_bound_covers_emulated_scores(D, dtype, metric, offset):
         cb, metric, torch.float16 if fp16 else torch.float32)
     xc = x.float() - center
     xn = xc.norm(dim=1)
-    a, b = (xc.half().float(), prepared.float()) if fp16 else (_tf32(xc), _tf32(prepared))
+    a, b = (xc.half().float(), prepared.float()) if fp16 else (_tf32(tvq.round_tf32(xc)), _tf32(prepared))
     acc = a @ b.T
     approx = (penalty - 2.0 * acc) if metric == "l2" else (penalty - acc)
     x64, e64 = x.double(), cb.double()
@@ -390,3 +465,37 @@ def test_cuda_code_stats(dtype, shape, dim, k):
     rcounts, rsums = ref.vq_code_stats(x, idx, k, dim % x.dim())
     assert torch.equal(counts, rcounts)
     torch.testing.assert_close(sums, rsums, rtol=1e-5, atol=1e-5 * math.sqrt(idx.numel()))
+
+
+def test_prepared_codebook_is_reused_only_while_unchanged():
+    """The launcher's codebook set-up is cached per tensor and version: a second lookup reuses it, an
+    in-place change (an EMA update) or another tensor re-prepares, and the answers stay exact."""
+    import vlm_kernels as vk
+
+    device = "cpu" if not _REASON else "cuda"
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 16, generator=g).to(device)
+    e = torch.randn(40, 16, generator=g).to(device)
+    calls = []
+    original = tvq._prepare_codebook
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    tvq._PREPARED.clear()
+    tvq._prepare_codebook = counting
+    try:
+        with vk.use_backend("triton"):
+            for _ in range(2):
+                assert torch.equal(vk.vq_nearest(x, e)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 1
+            e.mul_(-1.0)  # in place: the version counter moves
+            assert torch.equal(vk.vq_nearest(x, e)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 2
+            e2 = e.clone()
+            assert torch.equal(vk.vq_nearest(x, e2)[0].cpu(), ref.vq_nearest(x.cpu(), e.cpu(), -1, "l2")[0])
+            assert len(calls) == 3
+    finally:
+        tvq._prepare_codebook = original
+        tvq._PREPARED.clear()

@@ -1,17 +1,20 @@
 // Counter-based Philox4x32-10 and the Gumbel noise built on it, shared by every compiled backend.
 //
 // Bit-for-bit contract (mirrored in vlm_kernels/reference/philox.py and vlm_kernels/triton/philox.py):
-//   * philox4x32_10(key = (seed_lo, seed_hi), counter = (c0, c1, 0, 0)) is Triton's
-//     tl.philox / tl.randint with the same seed: for an element whose linear index `offset` is below
-//     2^32, the first output equals tl.randint(seed, offset), so the uniform below equals
-//     tl.rand(seed, offset) (except that a 0 is lifted to the smallest positive step, see below).
-//     Offsets >= 2^32 put their high word in c1.
-//   * uniform: r = bits as int32, r = r < 0 ? -r - 1 : r, r = max(r, 1), u = float(r) * 4.6566127342e-10f.
-//     u lies in [4.66e-10, 1 - 6e-8], so -log(u) > 0 and -log(-log(u)) is always finite.
-//   * vlm_logf: a fixed sequence of IEEE fp32 multiplies and adds (no FMA contraction, no division),
-//     so every backend computes the same bits and Gumbel-argmax / hard samples are identical.
+//   * Element i of a tensor (its linear index in the contiguous tensor) takes word i mod 4 of the
+//     Philox4x32-10 call at counter c = i div 4: counter words (c lo32, c hi32, 0, 0), key (seed lo32,
+//     seed hi32). The four words of one call are Triton's tl.randint4x(seed, c), so one call serves the
+//     4 elements 4c .. 4c + 3 (every backend computes it once per aligned group of 4 where it can).
+//   * uniform: r = word as int32, r = r < 0 ? -r - 1 : r, u = float(r) * 4.6566127342e-10f: tl.rand's
+//     mapping exactly, u in [0, 1 - 6e-8].
+//   * vlm_logf (below): correctly rounded fp32 fused multiply-adds (std::fmaf, __fmaf_rn, tl.fma; the
+//     PyTorch reference emulates them in float64) plus exact operations, so every backend computes the
+//     same bits. Max error 1.15 ulp over [4.6e-10, 22] (exhaustive); vlm_logf(0) = fp32(-127 ln 2).
+//   * noise g = -vlm_logf(-vlm_logf(u)): finite for every u (0 included), so Gumbel-argmax and hard
+//     samples are identical on every backend.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -28,64 +31,70 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr float kUniformScale = 4.6566127342e-10f;  // largest s with (2^31 - 1) * s < 1 in fp32
 
-// Polynomial for log1p(f) = f - f^2/2 + f^3 * P(f), f in [sqrt(1/2) - 1, sqrt(2) - 1]; weighted
-// least-squares fit (scripts in benchmarks/notes), max error 1.3 ulp over (0, 64].
-constexpr float kLogC0 = -0.072297103703022f;
-constexpr float kLogC1 = 0.12446440011262894f;
-constexpr float kLogC2 = -0.13166923820972443f;
-constexpr float kLogC3 = 0.1424783170223236f;
-constexpr float kLogC4 = -0.166270911693573f;
-constexpr float kLogC5 = 0.19999174773693085f;
-constexpr float kLogC6 = -0.2500067949295044f;
-constexpr float kLogC7 = 0.3333335816860199f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
+// log1p(f) = f + f^2 (-1/2 + f P(f)) for f = m - 1, m in [sqrt(1/2), sqrt(2)); P of degree 6, a
+// least-squares fit (max relative error 3.2e-8) refined on the fp32 evaluation. Each constant is the exact
+// fp32 value of its literal (their bits: 3db226f6 be1214a2 3e18b984 be29c1ad 3e4c6c24 be8001bf 3eaaab6c).
+constexpr float kLogP0 = 0.086988375f;
+constexpr float kLogP1 = -0.14265683f;
+constexpr float kLogP2 = 0.14914519f;
+constexpr float kLogP3 = -0.16577788f;
+constexpr float kLogP4 = 0.19963127f;
+constexpr float kLogP5 = -0.25001332f;
+constexpr float kLogP6 = 0.3333391f;
+constexpr float kLn2 = 0.693147182f;  // fp32 ln 2, 0x3f317218; e * kLn2 is exact inside the fma
 
-VLM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+// The 20 round keys of a seed: (seed lo32, seed hi32) plus r times the Weyl increments. Kernels take them
+// as an argument (a constant-bank operand of each XOR on the GPU, no key schedule per call).
+struct PhiloxKey {
+  uint32_t k0[10], k1[10];
+};
+VLM_HD PhiloxKey philox_key(uint64_t seed) {
+  PhiloxKey key;
+  uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r, a += kPhiloxKeyA, b += kPhiloxKeyB) {
+    key.k0[r] = a;
+    key.k1[r] = b;
+  }
+  return key;
+}
+
+// hi:lo = a * b, one widening multiply (IMAD.WIDE.U32 on the GPU: PTX mul.lo + mul.hi of the same operands
+// fuse into it, while a 64-bit product in C++ costs an extra add).
+VLM_HD void mul_wide(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
+  asm("mul.lo.u32 %0, %2, %3;\n\tmul.hi.u32 %1, %2, %3;" : "=r"(lo), "=r"(hi) : "r"(a), "r"(b));
 #else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
 #endif
 }
 
-// First output word of Philox4x32-10 for counter (c0, c1, 0, 0) and key (k0, k1).
-VLM_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+// Philox4x32-10 for counter (c0, c1, 0, 0) and `key`: out[0..3] = its four output words (tl.randint4x).
+VLM_HD void philox4(uint32_t c0, uint32_t c1, const PhiloxKey& key, uint32_t out[4]) {
   uint32_t c2 = 0, c3 = 0;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = mulhi32(kPhiloxRoundB, a2) ^ c1 ^ k0;
-    c2 = mulhi32(kPhiloxRoundA, a0) ^ c3 ^ k1;
-    c1 = kPhiloxRoundB * a2;
-    c3 = kPhiloxRoundA * a0;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
+    uint32_t hi_b, lo_b, hi_a, lo_a;
+    mul_wide(kPhiloxRoundB, c2, hi_b, lo_b);
+    mul_wide(kPhiloxRoundA, c0, hi_a, lo_a);
+    c0 = hi_b ^ c1 ^ key.k0[round];
+    c2 = hi_a ^ c3 ^ key.k1[round];
+    c1 = lo_b;
+    c3 = lo_a;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-// fp32 add/mul that never contract into an FMA (device: explicit round-to-nearest intrinsics;
-// host: the CPU sources are compiled with -ffp-contract=off).
-VLM_HD float fadd(float a, float b) {
+// Correctly rounded fp32 a * b + c (one rounding) on host and device.
+VLM_HD float fmaf_rn(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+  return __fmaf_rn(a, b, c);
 #else
-  return a + b;
-#endif
-}
-VLM_HD float fsub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-VLM_HD float fmul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
+  return std::fma(a, b, c);
 #endif
 }
 
@@ -106,40 +115,64 @@ VLM_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// Natural log of a positive, finite, normal fp32 value, same bits on every backend.
-VLM_HD float vlm_logf(float x) {
-  const int32_t b = static_cast<int32_t>(float_to_bits(x));
-  const int32_t e = (b - 0x3f3504f3) >> 23;  // arithmetic shift: mantissa lands in [sqrt(1/2), sqrt(2))
-  const float m = bits_to_float(static_cast<uint32_t>(b) - (static_cast<uint32_t>(e) << 23));
-  const float f = fsub(m, 1.0f);
-  float p = kLogC0;
-  p = fadd(fmul(p, f), kLogC1);
-  p = fadd(fmul(p, f), kLogC2);
-  p = fadd(fmul(p, f), kLogC3);
-  p = fadd(fmul(p, f), kLogC4);
-  p = fadd(fmul(p, f), kLogC5);
-  p = fadd(fmul(p, f), kLogC6);
-  p = fadd(fmul(p, f), kLogC7);
-  const float z = fmul(f, f);
-  const float r = fadd(fsub(f, fmul(0.5f, z)), fmul(fmul(z, f), p));
-  const float ef = static_cast<float>(e);
-  return fadd(fmul(ef, kLn2Hi), fadd(r, fmul(ef, kLn2Lo)));
+// -log(x) for x positive normal fp32 or 0, same bits on every backend: exact integer/fp32 steps and
+// correctly rounded fmas only. With b = bits(x), e = (b - 0x3f3504f3) >> 23 (arithmetic) puts the
+// mantissa m = bits(b - (e << 23)) in [sqrt(1/2), sqrt(2)), f = m - 1 (exact), r = log1p(f) by the fmas
+// below, and the result is -fma(e, kLn2, r) = fma(e, -kLn2, -r) (one rounding; RN is symmetric). e is kept
+// as th = e << 23: float(th) is exact and float(th) * (kLn2 * 2^-23) == e * kLn2, so the product inside the
+// last fma is the same. neg_vlm_logf(0) = fp32(127 ln 2).
+VLM_HD float neg_vlm_logf(float x) {
+  const uint32_t b = float_to_bits(x);
+  const uint32_t th = (b - 0x3f3504f3u) & 0xff800000u;  // e << 23, two's complement
+  const float f = bits_to_float(b - th) - 1.0f;
+  float p = fmaf_rn(f, kLogP0, kLogP1);
+  p = fmaf_rn(p, f, kLogP2);
+  p = fmaf_rn(p, f, kLogP3);
+  p = fmaf_rn(p, f, kLogP4);
+  p = fmaf_rn(p, f, kLogP5);
+  p = fmaf_rn(p, f, kLogP6);
+  p = fmaf_rn(p, f, -0.5f);
+  const float r = fmaf_rn(p, f * f, f);  // log1p(f); f * f only feeds a multiplicand
+  return fmaf_rn(static_cast<float>(static_cast<int32_t>(th)), -kLn2 / 8388608.0f, -r);
 }
 
-// Uniform in [kUniformScale, 1) from the raw Philox word (tl.rand's mapping, 0 lifted to one step).
+// Natural log, the exact negation of neg_vlm_logf (vlm_logf(0) = fp32(-127 ln 2)).
+VLM_HD float vlm_logf(float x) { return -neg_vlm_logf(x); }
+
+// tl.rand's uniform in [0, 1) of a raw Philox word.
 VLM_HD float uniform_from_bits(uint32_t bits) {
-  int32_t r = static_cast<int32_t>(bits);
-  r = r < 0 ? -r - 1 : r;
-  r = r < 1 ? 1 : r;
-  return fmul(static_cast<float>(r), kUniformScale);
+  const int32_t r = static_cast<int32_t>(bits);
+  return static_cast<float>(r ^ (r >> 31)) * kUniformScale;  // r < 0 ? -r - 1 : r
 }
 
-// Gumbel(0, 1) noise for element `offset` of a tensor under `seed`: -log(-log(u)). Always finite.
-VLM_HD float gumbel_noise(uint64_t seed, uint64_t offset) {
-  const uint32_t bits = philox_first(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                                     static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float u = uniform_from_bits(bits);
-  return -vlm_logf(-vlm_logf(u));
+// Gumbel(0, 1) noise -log(-log(u)) of a raw Philox word. Always finite.
+VLM_HD float noise_from_bits(uint32_t bits) { return neg_vlm_logf(neg_vlm_logf(uniform_from_bits(bits))); }
+
+// The four words of the Philox call at `counter` (elements 4 counter .. 4 counter + 3).
+VLM_HD void philox_words(const PhiloxKey& key, uint64_t counter, uint32_t words[4]) {
+  philox4(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), key, words);
 }
+VLM_HD void philox_words(uint64_t seed, uint64_t counter, uint32_t words[4]) {
+  philox_words(philox_key(seed), counter, words);
+}
+
+// Noise of the four elements 4 counter + j, j = 0..3: one Philox call.
+VLM_HD void gumbel_noise4(const PhiloxKey& key, uint64_t counter, float out[4]) {
+  uint32_t w[4];
+  philox_words(key, counter, w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = noise_from_bits(w[j]);
+}
+VLM_HD void gumbel_noise4(uint64_t seed, uint64_t counter, float out[4]) { gumbel_noise4(philox_key(seed), counter, out); }
+
+// Gumbel(0, 1) noise for element `offset` of a tensor (a whole Philox call for one word: use
+// gumbel_noise4 for aligned groups of four).
+VLM_HD float gumbel_noise(const PhiloxKey& key, uint64_t offset) {
+  uint32_t w[4];
+  philox_words(key, offset >> 2, w);
+  const uint32_t j = static_cast<uint32_t>(offset & 3);  // a select, not an indexed (local-memory) load
+  return noise_from_bits(j == 0 ? w[0] : j == 1 ? w[1] : j == 2 ? w[2] : w[3]);
+}
+VLM_HD float gumbel_noise(uint64_t seed, uint64_t offset) { return gumbel_noise(philox_key(seed), offset); }
 
 }  // namespace vlm

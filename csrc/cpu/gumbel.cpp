@@ -10,7 +10,8 @@
 //        outer slice, one step per k: the lanes are the columns, so nothing is transposed and no
 //        horizontal reduction is needed.
 //    The noise is generated in registers, 4 vectors at a time (interleaved: one chain alone is
-//    latency-bound), bit-identical to vlm::gumbel_noise. The soft sample writes z = logits + noise into
+//    latency-bound), bit-identical to vlm::gumbel_noise: one Philox call gives the 4 words of an aligned
+//    group of 4 offsets, 8 calls per vector op, and the log is built from fmas. The soft sample writes z = logits + noise into
 //    a float workspace (the output row itself for a float32 row, else a per-thread buffer of K x 32
 //    floats at most), then exponentiates and normalises it, so the noise is generated once and the unit
 //    stays in cache. Hard samples and argmax need one pass; the backward of a hard sample regenerates
@@ -293,16 +294,9 @@ inline __m512 splat(float v) { return _mm512_set1_ps(v); }
 inline __m512 nan16() { return splat(std::numeric_limits<float>::quiet_NaN()); }
 inline __m512 neg_inf16() { return splat(-std::numeric_limits<float>::infinity()); }
 
-// ---- strict fp32 arithmetic for the noise -----------------------------------------------------------
-// Explicit round-to-nearest forms compile to single vmulps / vaddps that GCC never fuses into an FMA,
-// whatever -ffp-contract says: the noise must be bit-identical to vlm::gumbel_noise.
-constexpr int kRn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-inline __m512 strict_mul(__m512 a, __m512 b) { return _mm512_mul_round_ps(a, b, kRn); }
-inline __m512 strict_add(__m512 a, __m512 b) { return _mm512_add_round_ps(a, b, kRn); }
-inline __m512 strict_sub(__m512 a, __m512 b) { return _mm512_sub_round_ps(a, b, kRn); }
-inline __m512 negate(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
-}
+// ---- the noise: vlm::gumbel_noise, 16 lanes at a time, bit for bit ----------------------------------
+// Every fp32 step is exact or a correctly rounded fma (vfmadd/vfnmsub round once, like std::fmaf), and no
+// product meets an add outside an fma, so no compiler contraction can change a bit.
 
 // Philox4x32-10 round keys of one seed, broadcast.
 struct PhiloxKeys {
@@ -319,12 +313,12 @@ struct PhiloxKeys {
 inline __m512i xor3(__m512i a, __m512i b, __m512i c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
 
 #if defined(__AVX512IFMA__)
-// vlm::philox_first for the 8 counters whose (c0, c1) = (low, high word) are the 64-bit lanes of `ctr`,
-// i.e. the element offsets themselves. Every 32-bit state word lives in the low half of a 64-bit lane.
-// High words of the products come from IFMA: vpmadd52huq(x, M << 20) = (x * M) >> 32 when x < 2^32, so
-// c0 and c2 (the multiplicands) are kept clean by zeroing the upper halves in the XOR itself; low words
-// come from _mm512_mul_epu32, whose upper-half junk only ever meets that masked XOR.
-inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
+// vlm::philox4 for the 8 counters in the 64-bit lanes of `ctr` (c0 = low word, c1 = high word): w[j] gets
+// output word j of each call in the low half of its lane (the upper half is junk). High words of the
+// products come from IFMA: vpmadd52huq(x, M << 20) = (x * M) >> 32 when x < 2^32, so c0 and c2 (the
+// multiplicands) are kept clean by zeroing the upper halves in the XOR itself; low words come from
+// _mm512_mul_epu32, whose upper-half junk only ever meets that masked XOR.
+inline void philox4x8(__m512i ctr, const PhiloxKeys& key, __m512i w[4]) {
   constexpr __mmask16 kLow = 0x5555;
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
   const __m512i ma_hi = _mm512_set1_epi64(uint64_t(kPhiloxRoundA) << 20), mb_hi = _mm512_set1_epi64(uint64_t(kPhiloxRoundB) << 20);
@@ -334,8 +328,8 @@ inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
   __m512i c3 = _mm512_mul_epu32(c0, ma);
   c0 = _mm512_maskz_xor_epi32(kLow, _mm512_srli_epi64(ctr, 32), key.k0[0]);
   __m512i c1 = zero;
-#pragma GCC unroll 8
-  for (int r = 1; r < 9; ++r) {
+#pragma GCC unroll 9
+  for (int r = 1; r < 10; ++r) {
     const __m512i hi_b = _mm512_madd52hi_epu64(zero, c2, mb_hi), lo_b = _mm512_mul_epu32(c2, mb);
     const __m512i hi_a = _mm512_madd52hi_epu64(zero, c0, ma_hi), lo_a = _mm512_mul_epu32(c0, ma);
     c0 = _mm512_maskz_ternarylogic_epi32(kLow, hi_b, c1, key.k0[r], 0x96);
@@ -343,15 +337,18 @@ inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
     c1 = lo_b;
     c3 = lo_a;
   }
-  return xor3(_mm512_madd52hi_epu64(zero, c2, mb_hi), c1, key.k0[9]);
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
 }
 #else
-// vlm::philox_first for the 8 counters whose (c0, c1) = (low, high word) are the 64-bit lanes of `ctr`,
-// i.e. the element offsets themselves. Every 32-bit state word lives in the low half of a 64-bit lane
-// and the high half is junk: _mm512_mul_epu32 reads only the low halves, so a 32 x 32 -> 64 multiply is
-// one instruction and its high word one shift, with no packing. Round 0 has c2 = c3 = 0, and the last
-// round only needs c0.
-inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
+// vlm::philox4 for the 8 counters in the 64-bit lanes of `ctr` (c0 = low word, c1 = high word): w[j] gets
+// output word j of each call in the low half of its lane. Every 32-bit state word lives in the low half
+// of a 64-bit lane and the high half is junk: _mm512_mul_epu32 reads only the low halves, so a
+// 32 x 32 -> 64 multiply is one instruction and its high word one shift, with no packing. Round 0 has
+// c2 = c3 = 0.
+inline void philox4x8(__m512i ctr, const PhiloxKeys& key, __m512i w[4]) {
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA);
   const __m512i mb = _mm512_set1_epi64(kPhiloxRoundB);
   __m512i pa = _mm512_mul_epu32(ctr, ma);
@@ -359,8 +356,8 @@ inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
   __m512i c2 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), key.k1[0]);
   __m512i c1 = _mm512_setzero_si512();
   __m512i c3 = pa;
-#pragma GCC unroll 8
-  for (int r = 1; r < 9; ++r) {
+#pragma GCC unroll 9
+  for (int r = 1; r < 10; ++r) {
     const __m512i pb = _mm512_mul_epu32(c2, mb);
     pa = _mm512_mul_epu32(c0, ma);
     c0 = xor3(_mm512_srli_epi64(pb, 32), c1, key.k0[r]);
@@ -368,63 +365,98 @@ inline __m512i philox_first8(__m512i ctr, const PhiloxKeys& key) {
     c1 = pb;
     c3 = pa;
   }
-  return xor3(_mm512_srli_epi64(_mm512_mul_epu32(c2, mb), 32), c1, key.k0[9]);
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
 }
 #endif  // __AVX512IFMA__
 
-// The first Philox word for the 16 offsets start .. start + 15, one per 32-bit lane.
-inline __m512i philox_first16(uint64_t start, const PhiloxKeys& key) {
-  const __m512i first = _mm512_set1_epi64(static_cast<int64_t>(start));
-  const __m512i lo = philox_first8(_mm512_add_epi64(first, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)), key);
-  const __m512i hi = philox_first8(_mm512_add_epi64(first, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15)), key);
-  const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  return _mm512_permutex2var_epi32(lo, low_halves, hi);
+// The words of the 8 calls at counters c .. c + 3 (lanes 0-3 of `ctr`) and d .. d + 3 (lanes 4-7), laid
+// out as elements: lo = the 16 words of elements 4c .. 4c + 15 (word j of call c + i at 4i + j),
+// hi = those of elements 4d .. 4d + 15.
+inline void philox_elements(__m512i ctr, const PhiloxKeys& key, __m512i& lo, __m512i& hi) {
+  __m512i w[4];
+  philox4x8(ctr, key, w);
+  const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, w[0], _mm512_slli_epi64(w[1], 32));  // (w0, w1) per call
+  const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, w[2], _mm512_slli_epi64(w[3], 32));  // (w2, w3) per call
+  lo = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), w23);
+  hi = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), w23);
 }
 
-// vlm::vlm_logf on N vectors, lane by lane, same operations in the same order. The N polynomial chains
-// are interleaved step by step: one chain alone is latency-bound (8 dependent mul + add pairs).
+inline __m512i counters4x2(uint64_t c, uint64_t d) {
+  return _mm512_add_epi64(_mm512_setr_epi64(static_cast<int64_t>(c), static_cast<int64_t>(c), static_cast<int64_t>(c),
+                                            static_cast<int64_t>(c), static_cast<int64_t>(d), static_cast<int64_t>(d),
+                                            static_cast<int64_t>(d), static_cast<int64_t>(d)),
+                          _mm512_setr_epi64(0, 1, 2, 3, 0, 1, 2, 3));
+}
+
+// The Philox words of the N groups of 16 offsets start[q] .. start[q] + 15. Groups that start on a
+// multiple of 4 take 4 calls each (two groups per philox4x8); others take the 8 calls at counters
+// start / 4 .. start / 4 + 7 and keep the 16-word window that begins at word start % 4.
 template <int N>
-inline void log16xN(__m512* x) {
+inline void philox_words16xN(const PhiloxKeys& key, const uint64_t* start, __m512i* bits) {
+  bool aligned = true;
+  for (int q = 0; q < N; ++q) aligned &= (start[q] & 3) == 0;
+  if (aligned) {
+#pragma GCC unroll 4
+    for (int q = 0; q + 1 < N; q += 2) philox_elements(counters4x2(start[q] >> 2, start[q + 1] >> 2), key, bits[q], bits[q + 1]);
+    if (N % 2) {
+      __m512i unused;
+      philox_elements(counters4x2(start[N - 1] >> 2, start[N - 1] >> 2), key, bits[N - 1], unused);
+    }
+    return;
+  }
+  for (int q = 0; q < N; ++q) {
+    const uint64_t c = start[q] >> 2;
+    __m512i lo, hi;
+    philox_elements(counters4x2(c, c + 4), key, lo, hi);
+    const __m512i window = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start[q] & 3)),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    bits[q] = _mm512_permutex2var_epi32(lo, window, hi);
+  }
+}
+
+// -vlm::vlm_logf on N vectors, lane by lane, same operations. The N polynomial chains are interleaved
+// step by step: one chain alone is latency-bound (7 dependent fmas).
+template <int N>
+inline void neg_log16xN(__m512* x) {
   __m512i e[N];
   __m512 f[N], p[N];
 #pragma GCC unroll 4
   for (int q = 0; q < N; ++q) {
     const __m512i b = _mm512_castps_si512(x[q]);
     e[q] = _mm512_srai_epi32(_mm512_sub_epi32(b, _mm512_set1_epi32(0x3f3504f3)), 23);
-    f[q] = strict_sub(_mm512_castsi512_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(e[q], 23))), splat(1.0f));
-    p[q] = splat(kLogC0);
+    f[q] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(e[q], 23))), splat(1.0f));  // exact
+    p[q] = _mm512_fmadd_ps(f[q], splat(kLogP0), splat(kLogP1));
   }
-  for (const float c : {kLogC1, kLogC2, kLogC3, kLogC4, kLogC5, kLogC6, kLogC7}) {
+  for (const float c : {kLogP2, kLogP3, kLogP4, kLogP5, kLogP6, -0.5f}) {
 #pragma GCC unroll 4
-    for (int q = 0; q < N; ++q) p[q] = strict_add(strict_mul(p[q], f[q]), splat(c));
+    for (int q = 0; q < N; ++q) p[q] = _mm512_fmadd_ps(p[q], f[q], splat(c));
   }
 #pragma GCC unroll 4
   for (int q = 0; q < N; ++q) {
-    const __m512 z = strict_mul(f[q], f[q]);
-    const __m512 r = strict_add(strict_sub(f[q], strict_mul(splat(0.5f), z)), strict_mul(strict_mul(z, f[q]), p[q]));
-    const __m512 ef = _mm512_cvtepi32_ps(e[q]);
-    x[q] = strict_add(strict_mul(ef, splat(kLn2Hi)), strict_add(r, strict_mul(ef, splat(kLn2Lo))));
+    const __m512 r = _mm512_fmadd_ps(p[q], _mm512_mul_ps(f[q], f[q]), f[q]);
+    x[q] = _mm512_fnmsub_ps(_mm512_cvtepi32_ps(e[q]), splat(kLn2), r);  // -(e ln2 + r), one rounding
   }
 }
 
 // vlm::gumbel_noise for the N groups of 16 offsets start[q] .. start[q] + 15, into out[q].
 template <int N>
 inline void gumbel16xN(const PhiloxKeys& key, const uint64_t* start, __m512* out) {
+  __m512i bits[N];
+  philox_words16xN<N>(key, start, bits);
 #pragma GCC unroll 4
   for (int q = 0; q < N; ++q) {
-    const __m512i bits = philox_first16(start[q], key);
-    // uniform_from_bits: r < 0 ? -r - 1 : r is r ^ (r >> 31); then max(r, 1) and the scale.
-    const __m512i r = _mm512_max_epi32(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(1));
-    out[q] = strict_mul(_mm512_cvtepi32_ps(r), splat(kUniformScale));
+    // uniform_from_bits: r < 0 ? -r - 1 : r is r ^ (r >> 31), then the scale.
+    const __m512i r = _mm512_xor_si512(bits[q], _mm512_srai_epi32(bits[q], 31));
+    out[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(r), splat(kUniformScale));
   }
-  log16xN<N>(out);
-#pragma GCC unroll 4
-  for (int q = 0; q < N; ++q) out[q] = negate(out[q]);
-  log16xN<N>(out);
-#pragma GCC unroll 4
-  for (int q = 0; q < N; ++q) out[q] = negate(out[q]);
+  neg_log16xN<N>(out);
+  neg_log16xN<N>(out);
 }
 
+constexpr int kRn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 constexpr int kNoiseGroups = 4;  // groups of 16 offsets whose noise is computed together
 
 // exp(x) to ~1 ulp: 2^n * e^r with n = round(x / ln 2) (Cephes' expf polynomial). scalef gives the
@@ -976,9 +1008,22 @@ void gumbel_noise_fill(uint64_t seed, uint64_t start, int64_t n, float* out) {
     }
   }
 #else
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = gumbel_noise(seed, start + static_cast<uint64_t>(j));
+  // One Philox call per aligned group of four offsets; the partial groups at either end keep their words.
+  for (int64_t j = 0; j < n;) {
+    const uint64_t offset = start + static_cast<uint64_t>(j);
+    float g[4];
+    gumbel_noise4(seed, offset >> 2, g);
+    for (uint64_t w = offset & 3; w < 4 && j < n; ++w, ++j) out[j] = g[w];
+  }
 #endif
+}
+
+at::Tensor gumbel_noise_cpu(int64_t seed, int64_t start, int64_t n) {
+  TORCH_CHECK(start >= 0, "gumbel_noise_cpu: start must be >= 0, got ", start);
+  TORCH_CHECK(n >= 0 && n <= std::numeric_limits<int64_t>::max() - start, "gumbel_noise_cpu: n must be >= 0 with start + n < 2^63, got n = ", n);
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  gumbel_noise_fill(static_cast<uint64_t>(seed), static_cast<uint64_t>(start), n, out.mutable_data_ptr<float>());
+  return out;
 }
 
 at::Tensor gumbel_softmax_forward_cpu(const at::Tensor& logits, int64_t seed, double tau, bool hard, int64_t dim) {
@@ -1073,6 +1118,7 @@ TORCH_LIBRARY_FRAGMENT(vlm_kernels_C, m) {
   m.def("gumbel_argmax_cpu(Tensor logits, int seed, int dim) -> Tensor");
   m.def("categorical_kl_uniform_forward_cpu(Tensor logits, int dim) -> Tensor");
   m.def("categorical_kl_uniform_backward_cpu(Tensor grad, Tensor logits, int dim) -> Tensor");
+  m.def("gumbel_noise_cpu(int seed, int start, int n) -> Tensor", &vlm::gumbel_noise_cpu);
 }
 
 TORCH_LIBRARY_IMPL(vlm_kernels_C, CPU, m) {

@@ -35,4 +35,8 @@ at::Tensor categorical_kl_uniform_backward_cpu(const at::Tensor& grad, const at:
 // for kernels that need the noise of a contiguous range).
 void gumbel_noise_fill(uint64_t seed, uint64_t start, int64_t n, float* out);
 
+// The same as a float32 tensor of n values (registered as torch.ops.vlm_kernels_C.gumbel_noise_cpu, for
+// tests of the noise contract at any offset, 2^32 and beyond included). start >= 0, n >= 0.
+at::Tensor gumbel_noise_cpu(int64_t seed, int64_t start, int64_t n);
+
 }  // namespace vlm

@@ -1,4 +1,4 @@
-"""timm's transformer ``Mlp`` (fc1, GELU, fc2) with a row-chunked forward and backward.
+"""timm's transformer ``Mlp`` (fc1, GELU, fc2) with a row-chunked forward and backward on CPU tensors.
 
 The hidden activation of a transformer MLP is its biggest tensor (4x the width per token). Eager
 PyTorch materialises it three times in training (fc1's output h, GELU's output a, and in the backward
@@ -183,8 +183,13 @@ class Mlp(nn.Module):
     def _chunkable(self, x: Tensor) -> bool:
         """The chunked path computes fc1/fc2 from their weights: only for plain nn.Linear modules without
         hooks (LoRA-style subclasses, quantised linears and forward hooks see the eager path), and not
-        under tracing, functorch transforms, autocast or active dropout."""
+        under tracing, functorch transforms, autocast or active dropout. CPU tensors only: chunking saves
+        the CPU allocator's page faults, while on a GPU it turns two large GEMMs into many small ones (an
+        H200 ran the Swin-T stage-1 block 2.8x slower forward and 7x slower forward+backward with it,
+        benchmarks/results/2026-11-30_h200_run2_extended.json)."""
         if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or _functorch_wrapped(x):
+            return False
+        if x.device.type != "cpu":
             return False
         if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear or _hooked(self.fc1, self.fc2, self.act):
             return False

@@ -158,7 +158,9 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     The custom op costs ~15-20 us of Python per call (dispatcher, autograd key, redispatch), which is
     most of a small op's time on a GPU. It is needed for autograd, torch.compile, fake/meta tensors,
     dispatch and function modes, functorch transforms and tensor subclasses; a plain eager call with
-    nothing to differentiate gets the same result from the backend itself."""
+    nothing to differentiate gets the same result from the backend itself. The fast path still chooses
+    the backend through the op's table (``OpTable.select``), so ``use_backend`` (per thread) and
+    ``VLM_KERNELS_BACKEND`` hold for it exactly as for the op."""
     try:
         if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
             return False
@@ -203,16 +205,21 @@ _INTERPRETER_LOCK = threading.RLock()
 def triton_kernel(module: str, name: str):
     """A backend entry that calls ``vlm_kernels.triton.<module>.<name>``: Triton is imported only when
     this backend runs, and kernels launch on the device of the first tensor argument."""
+    found: list = []  # the launcher, once imported (a per-call import costs host time on small ops)
 
     def call(*args):
-        import importlib
+        if not found:
+            import importlib
 
-        launchers = importlib.import_module(f"vlm_kernels.triton.{module}")
+            found.append(getattr(importlib.import_module(f"vlm_kernels.triton.{module}"), name))
+        launcher = found[0]
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         if device.type != "cuda":
             with _INTERPRETER_LOCK:
-                return getattr(launchers, name)(*args)
+                return launcher(*args)
+        if device.index is None or device.index == torch.cuda.current_device():
+            return launcher(*args)
         with torch.cuda.device(device):  # Triton launches on the current device
-            return getattr(launchers, name)(*args)
+            return launcher(*args)
 
     return call

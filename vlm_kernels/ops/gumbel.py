@@ -6,10 +6,10 @@ Public functions:
 * :func:`gumbel_argmax` - Gumbel-max token sampling (int64 indices), one read of the logits.
 * :func:`categorical_kl_uniform` - KL(softmax(logits) || uniform) per row, with its gradient.
 
-Noise: element ``i`` (linear index in the contiguous logits) uses Philox4x32-10 at counter ``i`` under
-``seed``; the same seed gives the same noise on every backend (``csrc/common/philox.h``). Backward
-never stores noise: soft samples keep the output, hard samples regenerate the soft sample from the
-logits and the seed.
+Noise: element ``i`` (linear index in the contiguous logits) takes word ``i % 4`` of the Philox4x32-10 call
+at counter ``i // 4`` under ``seed`` (``tl.randint4x``'s words, ``tl.rand``'s uniform); the same seed gives
+the same noise on every backend (``csrc/common/philox.h``). Backward never stores noise: soft samples keep
+the output, hard samples regenerate the soft sample from the logits and the seed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .._backend import OpTable
+from .. import _backend
+from .._backend import BackendUnavailableError, OpTable
 from ..reference import gumbel as reference
 from ._common import (
     check_float_tensor,
@@ -27,6 +28,7 @@ from ._common import (
     check_positive_finite,
     compiled_kernel,
     contiguous,
+    eager_fast_path,
     first_tensor_reason,
     gpu_dtype_reason,
     normalize_dim,
@@ -34,7 +36,79 @@ from ._common import (
     triton_kernel,
 )
 
-TABLE = OpTable("gumbel")
+# ----------------------------------------------------------------------------------------------------
+# Which compiled GPU backend runs first on CUDA tensors, per entry and layout. Decided offline (no GPU yet)
+# from the sm_90 compile of both at the benchmark shapes, fp32 (see the module notes below); flip an entry
+# when benchmarks/gpu_check.sh (bench_gumbel times the triton and cuda backends side by side) measures the
+# other faster. A forced backend (use_backend / VLM_KERNELS_BACKEND) ignores this table.
+#
+# Layouts: "rows" (dim is the last dim) or "columns" (dim=1 of NCHW and any dim with inner > 1), "long"
+# when K is past the forward's one-read limit, the same in both backends (rows: K > 32768; columns:
+# K > 8192), where both read the logits twice and make the noise twice.
+#
+# Offline evidence (SASS instructions per element, Triton 3.8 and nvcc 13.0 for sm_90; registers, no
+# spills in either):
+#   softmax_forward rows (65536, 8192): triton 55 (8 warps, 32 elements/thread), cuda ~61 + reductions
+#     (256 threads, 8 quads/thread); one read each.
+#   softmax_forward columns (64, 8192, 32, 32): triton 57 (16 warps, a 4-column x 8192 strip in
+#     registers), cuda ~64 + reductions (512 threads, 16 quads/thread); one read each.
+#   argmax / hard: triton ~51-54 + 6 for the one-hot write; cuda ~57 + the write; one read each.
+#   softmax_backward: no noise for soft samples (memory-bound): triton keeps dy and y of a [8192, 2]
+#     column strip in registers (12 B/element); cuda keeps y and re-reads dy from L2 for K <= 4096 only,
+#     two passes (20 B/element) above.
+# Both backends give the same bits (noise, argmax, hard samples), so this choice never changes a sample.
+CUDA_FIRST: dict[str, dict[str, str]] = {
+    "softmax_forward": {"rows": "triton", "rows long": "triton", "columns": "triton", "columns long": "triton"},
+    "softmax_backward": {"rows": "triton", "rows long": "triton", "columns": "triton", "columns long": "triton"},
+    "argmax": {"rows": "triton", "rows long": "triton", "columns": "triton", "columns long": "triton"},
+}
+_ONE_READ_K = {"rows": 32768, "columns": 8192}  # the forward's one-read limit in both backends
+
+
+def _tensor_and_dim(entry: str, args: tuple) -> tuple[Tensor, int]:
+    """The reduced tensor and dim of an entry's arguments (see _FN_NAMES for the argument lists)."""
+    if entry == "softmax_backward":  # (grad, saved, seed, tau, hard, dim)
+        return args[1], args[-1]
+    return args[0], args[-1]  # (logits, seed, tau, hard, dim) / (logits, seed, dim)
+
+
+def cuda_layout(x: Tensor, dim: int) -> str:
+    """The layout key of CUDA_FIRST for a reduction of ``x`` along ``dim``."""
+    inner = 1
+    for s in x.shape[dim + 1:]:
+        inner *= int(s)
+    kind = "rows" if inner == 1 else "columns"
+    return kind + (" long" if x.shape[dim] > _ONE_READ_K[kind] else "")
+
+
+class _GumbelTable(OpTable):
+    """OpTable whose automatic order on CUDA tensors starts with CUDA_FIRST's backend for the call's layout."""
+
+    def cuda_order(self, entry: str, *args) -> tuple[str, ...]:
+        default = self.order.get("cuda", ())
+        first = CUDA_FIRST.get(entry, {}).get(cuda_layout(*_tensor_and_dim(entry, args)))
+        if first is None:
+            return default
+        return (first,) + tuple(name for name in default if name != first)
+
+    def select(self, entry: str, device: torch.device, *args, **kwargs):
+        if device.type != "cuda" or _backend.forced_backend() is not None or entry not in CUDA_FIRST:
+            return super().select(entry, device, *args, **kwargs)
+        skipped = []
+        for name in self.cuda_order(entry, *args):
+            if name not in self.impls.get(entry, {}):
+                continue
+            reason = self.reason(name, entry, device, *args, **kwargs)
+            if not reason:
+                if skipped:
+                    _backend._warn_once(self.op_name, name, skipped)
+                return name, self.impls[entry][name].fn
+            skipped.append((name, reason))
+        raise BackendUnavailableError(f"{self.op_name}: no backend can run on cuda tensors here: "
+                                      + "; ".join(f"{n}: {r}" for n, r in skipped))
+
+
+TABLE = _GumbelTable("gumbel")
 
 
 _FN_NAMES = {
@@ -177,8 +251,10 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, dim: in
     """
     dim = _check_logits("gumbel_softmax", logits, dim)
     tau = check_positive_finite("gumbel_softmax", "tau", tau)
-    return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed_tensor("gumbel_softmax", seed), tau,
-                                                        bool(hard), dim)
+    seed = seed_tensor("gumbel_softmax", seed)
+    if eager_fast_path(logits):  # the op's own result, without its ~15 us of dispatch
+        return _run("softmax_forward", contiguous(logits), int(seed.item()), tau, bool(hard), dim)
+    return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed, tau, bool(hard), dim)
 
 
 def gumbel_argmax(logits: Tensor, dim: int = -1, *, seed: SeedLike = None) -> Tensor:
@@ -189,7 +265,10 @@ def gumbel_argmax(logits: Tensor, dim: int = -1, *, seed: SeedLike = None) -> Te
     the index of its first NaN (torch.argmax's convention).
     """
     dim = _check_logits("gumbel_argmax", logits, dim)
-    return torch.ops.vlm_kernels.gumbel_argmax(logits, seed_tensor("gumbel_argmax", seed), dim)
+    seed = seed_tensor("gumbel_argmax", seed)
+    if eager_fast_path(logits):
+        return _run("argmax", contiguous(logits), int(seed.item()), dim)
+    return torch.ops.vlm_kernels.gumbel_argmax(logits, seed, dim)
 
 
 def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
@@ -199,6 +278,8 @@ def categorical_kl_uniform(logits: Tensor, dim: int = -1) -> Tensor:
     Differentiable.
     """
     dim = _check_logits("categorical_kl_uniform", logits, dim)
+    if eager_fast_path(logits):
+        return _run("kl_forward", contiguous(logits), dim)
     return torch.ops.vlm_kernels.categorical_kl_uniform_forward(logits, dim)
 
 

@@ -3,7 +3,8 @@
 Every function takes a contiguous ``logits`` and a normalised ``dim`` (checks live in
 ``vlm_kernels.ops.gumbel``). The math (shared by every backend):
 
-* noise: ``g[i] = gumbel_noise(seed, i)`` for the element of linear index ``i`` (float32, see philox.py)
+* noise: ``g[i]`` for the element of linear index ``i``: word ``i % 4`` of the Philox call at counter ``i // 4``
+  mapped to Gumbel(0, 1) noise in float32 (see philox.py)
 * ``z = logits + g`` in the accumulation type (float64 for float64 logits, float32 otherwise)
 * soft sample: ``softmax((z - max z) / tau)``; hard sample: one-hot of ``argmax z`` (lowest index on
   ties, NaN counts as the largest), a whole row of NaN when the row holds a NaN

@@ -5,21 +5,32 @@ Every launcher takes contiguous tensors and a normalised ``dim`` (the checks liv
 bit, soft samples and gradients to fp32 rounding.
 
 Layout. ``logits`` is viewed as ``(outer, K, inner)`` with ``K = size(dim)``; element ``(o, k, i)`` has
-linear offset ``(o * K + k) * inner + i``, which is also its Philox counter. A program owns a tile of
-``BLOCK_K x BLOCK_I`` elements: ``BLOCK_I`` reduction columns (whole rows when ``dim`` is the last dim,
-``LAST_DIM``: there the "columns" are rows of stride K and the tile walks K contiguously; otherwise
-``BLOCK_I`` consecutive inner positions, the contiguous axis, so no transposed copy is ever made).
+linear offset ``(o * K + k) * inner + i``, which also picks its Philox word (``philox.py``). A Gumbel
+program owns a tile ``[BR, BC]`` whose axis 1 is the contiguous one, so loads and stores are 16-byte
+vectors and no transposed copy is ever made:
 
-* ``SINGLE``: the whole reduction axis fits one tile (``next_power_of_2(K) <= max_block``, default
-  ``MAX_BLOCK``): logits are read once, kept in registers, and the output is written once. Short
-  reductions share a program (about ``TILE`` elements); long columns (dim != -1, e.g. K = 8192 over
-  dim 1 of NCHW) take a strip of 2-8 neighbouring columns.
-* otherwise a loop over K in chunks: one pass with an online softmax (running max + rescaled sum) or a
-  running argmax, then a pass that re-reads the logits, regenerates the noise and writes. A hard
-  sample's second pass only writes (the one-hot needs no logits).
+* ``LAST_DIM`` (``dim`` is the last dim): ``BR`` rows x ``BC`` consecutive categories, reduced along axis 1;
+* otherwise (e.g. ``dim=1`` of NCHW): ``BR`` categories x ``BC`` consecutive inner positions ("columns")
+  of one outer index, reduced along axis 0.
 
-The grid is 1D, one program per tile (grid x is not capped at 65535). Kernels that compute noise are
-launched with ``enable_fp_fusion=False`` (see ``philox.py``); the noise is never stored, the hard
+Noise. With ``ALIGN4`` (rows: ``K % 4 == 0``; columns: ``inner % 4 == 0``) every aligned group of four
+elements along axis 1 lies in one tile, so a tile takes one Philox call per group
+(``gumbel_noise4`` on a ``[BR, BC / 4]`` tile of counters, then ``interleave4``: the four words land
+in the registers that hold the four elements). Otherwise each element takes its own call and keeps its
+word (``gumbel_noise``): 4x the Philox work, the same bits.
+
+Passes. ``SINGLE``: the whole reduction fits one tile (``next_power_of_2(K) x`` the narrowest tile
+``<= MAX_TILE`` elements, half that for the two-input backward): the logits are read once, the noise is
+made once, both stay in registers, and the output is written once. Long columns (dim != -1, e.g.
+K = 8192 over dim 1 of NCHW) take a strip of 4 neighbouring columns (16-byte rows, one Philox call per
+row of the strip). Otherwise a loop over the reduction axis in chunks: a pass with an online softmax
+(running max + rescaled sum) or a running argmax, then a pass that re-reads the logits, regenerates
+the noise and writes (a hard sample's second pass only writes: the one-hot needs no logits).
+
+NaN: a NaN in z makes the softmax sum NaN, so the whole line comes out NaN without a separate test;
+the argmax takes a NaN-propagating max per chunk and looks for the first NaN only in tiles that hold
+one. The grid is 1D, one program per tile (grid x is not capped at 65535). Kernels that compute noise
+are launched with ``enable_fp_fusion=False`` (see ``philox.py``); the noise is never stored, the hard
 backward regenerates it from the seed.
 """
 
@@ -32,9 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gumbel_noise, seed_words
+from .philox import gumbel_noise, gumbel_noise4, interleave4, seed_words
 
-# Most elements one program keeps in registers on the single-pass path; larger reductions loop.
+# Most elements one Gumbel program keeps in registers on the single-pass path (128 KB of fp32: a strip of
+# 4 columns x 8192 categories); the two-input backward keeps half as many per input.
+MAX_TILE = 32768
+# Most elements the KL kernels keep in registers on their single-pass path; larger reductions loop.
 MAX_BLOCK = 16384
 # Target elements per program when a tile holds several short reductions (rows or columns).
 TILE = 2048
@@ -42,14 +56,312 @@ TILE = 2048
 LOOP_TILE = 4096
 # Inner positions per program on the looped column path (128 bytes of fp32: one full line).
 LOOP_COLS = 32
+# Elements each thread holds on a Gumbel tile (offline sm_90 compiles, Triton 3.8, no spills at any of
+# them): 32 in general. The single-pass column strip (4 columns x up to 8192 categories, one program per
+# SM) takes 64: its reductions run per column across all the program's threads, and at 32 per thread they
+# cost 2.5 shuffles and combines per element (62 vs 57 instructions per element, 64 vs 128 registers).
+# 16 where a thread's noise chains are longer: one Philox call per element (unaligned layouts, whose
+# tiles also stop at UNALIGNED_TILE elements) or noise next to a second input (the hard backward).
+ELEMENTS_PER_THREAD = 32
+STRIP_ELEMENTS_PER_THREAD = 64
+NARROW_ELEMENTS_PER_THREAD = 16
+UNALIGNED_TILE = 8192
 
 _BIG = tl.constexpr(2147483647)  # larger than any index along K
 _NOISE_LAUNCH = {"enable_fp_fusion": False}
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tile helpers.
+# Gumbel tile helpers. A program's lines (axis 0) are rows (LAST_DIM) or categories (columns layout); its
+# columns (axis 1) are categories (LAST_DIM) or inner positions. A chunk is addressed as ``base`` (the
+# int64 offset of its element (0, 0)) plus ``rel`` (the offsets within it: int32 with REL32, so each
+# thread keeps one register per line of the tile rather than a 64-bit pointer).
+
+
+@triton.jit
+def _program_origin(n_c_tiles, BR: tl.constexpr, BC: tl.constexpr, LAST_DIM: tl.constexpr):
+    """(outer index o, first line a0, first column c0) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    if LAST_DIM:
+        return pid * 0, pid * BR, pid * 0
+    else:
+        return pid // n_c_tiles, pid * 0, (pid % n_c_tiles) * BC
+
+
+@triton.jit
+def _chunk(o, a_start, c_start, n_rows, K, inner, BR: tl.constexpr, BC: tl.constexpr, LAST_DIM: tl.constexpr,
+           REL32: tl.constexpr):
+    """(base, rel, mask, stride, k index) of the tile whose element (0, 0) is (line a_start, column c_start)."""
+    ar = tl.arange(0, BR)
+    cr = tl.arange(0, BC)
+    if LAST_DIM:
+        base = a_start.to(tl.int64) * K + c_start
+        stride = K
+        mask = ((a_start + ar) < n_rows)[:, None] & ((c_start + cr) < K)[None, :]
+        kidx = (c_start + cr)[None, :]
+    else:
+        base = (o * K + a_start) * inner + c_start
+        stride = inner
+        mask = ((a_start + ar) < K)[:, None] & ((c_start + cr) < inner)[None, :]
+        kidx = (a_start + ar)[:, None]
+    if REL32:
+        rel = ar[:, None] * stride + cr[None, :]
+    else:
+        rel = ar.to(tl.int64)[:, None] * stride + cr[None, :]
+    return base, rel, mask, stride, kidx.to(tl.int32)
+
+
+@triton.jit
+def _load(ptr, mask, other, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=other)
+    else:  # the tiles cover the tensor exactly: no predicates to keep
+        return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tile_noise(seed_lo, seed_hi, base, stride, BR: tl.constexpr, BC: tl.constexpr, ALIGN4: tl.constexpr,
+                REL32: tl.constexpr):
+    """fp32 noise of the tile of elements base + a * stride + c."""
+    ar = tl.arange(0, BR)
+    if not REL32:
+        ar = ar.to(tl.int64)
+    if ALIGN4:  # base and stride are multiples of 4: one Philox call per group of four columns
+        q = tl.arange(0, BC // 4)
+        counter = (base >> 2) + (ar[:, None] * (stride >> 2) + q[None, :])
+        g0, g1, g2, g3 = gumbel_noise4(seed_lo, seed_hi, counter)
+        return interleave4(g0, g1, g2, g3)
+    else:
+        return gumbel_noise(seed_lo, seed_hi, base + (ar[:, None] * stride + tl.arange(0, BC)[None, :]))
+
+
+@triton.jit
+def _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR: tl.constexpr, BC: tl.constexpr,
+               ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """z = logits + noise in fp32 (-inf where masked) of a chunk."""
+    x = _load(x_ptr + base + rel, mask, float("-inf"), MASKED).to(tl.float32)
+    return x + _tile_noise(seed_lo, seed_hi, base, stride, BR, BC, ALIGN4, REL32)
+
+
+@triton.jit
+def _chunk_start(k0, a0, c0, LAST_DIM: tl.constexpr):
+    """(a_start, c_start) of the chunk at position k0 along the reduction axis (looped paths)."""
+    if LAST_DIM:
+        return a0, c0 + k0
+    else:
+        return a0 + k0, c0
+
+
+@triton.jit
+def _expand(v, RED: tl.constexpr):
+    """A per-line (RED = 1) or per-column (RED = 0) vector as a broadcastable [BR, 1] / [1, BC] tile."""
+    return tl.expand_dims(v, RED)
+
+
+@triton.jit
+def _online_update(m, s, z, scale2, RED: tl.constexpr):
+    """One chunk of an online softmax of exp2(z * scale2) along axis RED: new (max, rescaled sum, exps, alpha).
+
+    -inf entries (masked lanes included) contribute 0 even while the running max is still -inf; NaN
+    entries make the sum NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=RED))
+    alpha = tl.where(m == m_new, 1.0, tl.exp2((m - m_new) * scale2))
+    e = tl.where(z == float("-inf"), 0.0, tl.exp2((z - _expand(m_new, RED)) * scale2))
+    return m_new, s * alpha, e, alpha
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _argmax_update(z, kidx, best, best_idx, first_nan, RED: tl.constexpr):
+    """Folds a chunk of z (indices along K: kidx) into the running argmax (strict: an earlier chunk keeps
+    its tie) and the first NaN index, per line/column."""
+    zmax = tl.reduce(z, RED, _nan_max)  # NaN where the chunk holds a NaN
+    c_idx = tl.min(tl.where(z == _expand(zmax, RED), kidx, _BIG), axis=RED)
+    better = zmax > best  # false for NaN
+    best = tl.where(better, zmax, best)
+    best_idx = tl.where(better, c_idx, best_idx)
+    if tl.max((zmax != zmax).to(tl.int32), axis=0) > 0:  # rare: some line of the tile holds a NaN
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, kidx, _BIG), axis=RED))
+    return best, best_idx, first_nan
+
+
+# ----------------------------------------------------------------------------------------------------
+# Soft sample (forward).
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K, inner, n_c_tiles,
+                               BR: tl.constexpr, BC: tl.constexpr, LAST_DIM: tl.constexpr, SINGLE: tl.constexpr,
+                               ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """y = softmax(z / tau) with z = logits + noise; scale2 = log2(e) / tau."""
+    RED: tl.constexpr = 1 if LAST_DIM else 0
+    STEP: tl.constexpr = BC if LAST_DIM else BR  # chunk length along the reduction axis
+    o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
+    if SINGLE:
+        base, rel, mask, stride, kidx = _chunk(o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+        z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+        e = tl.exp2((z - _expand(tl.max(z, axis=RED), RED)) * scale2)  # masked lanes: exp2(-inf) = 0
+        y = e * _expand(1.0 / tl.sum(e, axis=RED), RED)
+        _store(y_ptr + base + rel, y, mask, MASKED)
+    else:
+        N: tl.constexpr = BR if LAST_DIM else BC
+        m = tl.full([N], float("-inf"), tl.float32)
+        s = tl.zeros([N], tl.float32)
+        for k0 in range(0, K, STEP):
+            a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+            base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+            z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+            m, s, e, alpha = _online_update(m, s, z, scale2, RED)
+            s += tl.sum(e, axis=RED)
+        r = 1.0 / s
+        for k0 in range(0, K, STEP):
+            a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+            base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+            z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+            y = tl.exp2((z - _expand(m, RED)) * scale2) * _expand(r, RED)
+            _store(y_ptr + base + rel, y, mask, MASKED)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gumbel-argmax and the hard sample.
+
+
+@triton.jit
+def _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR: tl.constexpr, BC: tl.constexpr,
+                        LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """argmax_k z per line (LAST_DIM) or column (first index on ties, first NaN wins) and whether z has NaN."""
+    RED: tl.constexpr = 1 if LAST_DIM else 0
+    STEP: tl.constexpr = BC if LAST_DIM else BR
+    N: tl.constexpr = BR if LAST_DIM else BC
+    best = tl.full([N], float("-inf"), tl.float32)
+    best_idx = tl.zeros([N], tl.int32)  # index 0 is right when every z is -inf
+    first_nan = tl.full([N], _BIG, tl.int32)
+    for k0 in range(0, K, STEP):
+        a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+        base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+        z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+        best, best_idx, first_nan = _argmax_update(z, kidx, best, best_idx, first_nan, RED)
+    has_nan = first_nan < _BIG
+    return tl.where(has_nan, first_nan, best_idx), has_nan
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_hard_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, n_rows, K, inner, n_c_tiles, BR: tl.constexpr,
+                            BC: tl.constexpr, LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                            MASKED: tl.constexpr):
+    RED: tl.constexpr = 1 if LAST_DIM else 0
+    STEP: tl.constexpr = BC if LAST_DIM else BR
+    o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
+    idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
+                                       ALIGN4, REL32, MASKED)
+    one = _expand(tl.where(has_nan, float("nan"), 1.0), RED)
+    zero = _expand(tl.where(has_nan, float("nan"), 0.0), RED)
+    idx = _expand(idx, RED)
+    for k0 in range(0, K, STEP):  # writes only: the one-hot needs no logits
+        a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+        base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+        y = tl.where(kidx == idx, one, zero)
+        _store(y_ptr + base + rel, y, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_argmax_kernel(x_ptr, idx_ptr, seed_lo, seed_hi, n_rows, K, inner, n_c_tiles, BR: tl.constexpr,
+                          BC: tl.constexpr, LAST_DIM: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                          MASKED: tl.constexpr):
+    o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
+    idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
+                                       ALIGN4, REL32, MASKED)
+    if LAST_DIM:
+        r = a0 + tl.arange(0, BR)
+        tl.store(idx_ptr + r, idx.to(tl.int64), mask=r < n_rows)
+    else:
+        c = c0 + tl.arange(0, BC)
+        tl.store(idx_ptr + o * inner + c, idx.to(tl.int64), mask=c < inner)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward: dlogits = y * (dy - sum_k dy * y) / tau; y is saved (soft) or recomputed (hard).
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_softmax_bwd_kernel(dy_ptr, saved_ptr, dx_ptr, seed_lo, seed_hi, inv_tau, scale2, n_rows, K, inner,
+                               n_c_tiles, BR: tl.constexpr, BC: tl.constexpr, LAST_DIM: tl.constexpr,
+                               SINGLE: tl.constexpr, RECOMPUTE: tl.constexpr, ALIGN4: tl.constexpr,
+                               REL32: tl.constexpr, MASKED: tl.constexpr):
+    RED: tl.constexpr = 1 if LAST_DIM else 0
+    STEP: tl.constexpr = BC if LAST_DIM else BR
+    o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
+    if SINGLE:
+        base, rel, mask, stride, kidx = _chunk(o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+        dy = _load(dy_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+        if RECOMPUTE:  # saved = logits: y = softmax((logits + noise) / tau)
+            z = _perturbed(saved_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+            e = tl.exp2((z - _expand(tl.max(z, axis=RED), RED)) * scale2)
+            y = e * _expand(1.0 / tl.sum(e, axis=RED), RED)
+        else:  # saved = y
+            y = _load(saved_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+        dot = tl.sum(dy * y, axis=RED)
+        dx = y * (dy - _expand(dot, RED)) * inv_tau
+        _store(dx_ptr + base + rel, dx, mask, MASKED)
+    else:
+        N: tl.constexpr = BR if LAST_DIM else BC
+        if RECOMPUTE:
+            m = tl.full([N], float("-inf"), tl.float32)
+            s = tl.zeros([N], tl.float32)
+            t = tl.zeros([N], tl.float32)  # sum dy * exp2((z - m) * scale2), rescaled with s
+            for k0 in range(0, K, STEP):
+                a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+                base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+                z = _perturbed(saved_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+                dy = _load(dy_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+                m, s, e, alpha = _online_update(m, s, z, scale2, RED)
+                s += tl.sum(e, axis=RED)
+                t = t * alpha + tl.sum(dy * e, axis=RED)
+            r = 1.0 / s
+            dot = t * r
+        else:
+            dot = tl.zeros([N], tl.float32)
+            for k0 in range(0, K, STEP):
+                a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+                base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+                dy = _load(dy_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+                dot += tl.sum(dy * _load(saved_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32), axis=RED)
+        for k0 in range(0, K, STEP):
+            a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
+            base, rel, mask, stride, kidx = _chunk(o, a_start, c_start, n_rows, K, inner, BR, BC, LAST_DIM, REL32)
+            dy = _load(dy_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+            if RECOMPUTE:
+                z = _perturbed(saved_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+                y = tl.exp2((z - _expand(m, RED)) * scale2) * _expand(r, RED)
+            else:
+                y = _load(saved_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+            dx = y * (dy - _expand(dot, RED)) * inv_tau
+            _store(dx_ptr + base + rel, dx, mask, MASKED)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KL(softmax(l) || uniform) = sum p (l - lse) + log K = t / s - log s + log K, with m = max l,
+# s = sum exp(l - m), t = sum exp(l - m) (l - m); its gradient is grad * p_k (l_k - m - t / s).
+# As in the reference, a term whose p is exactly 0 contributes 0 (0 log 0 = 0, so -inf and extreme finite
+# logits give no NaN), while a column whose log-softmax is NaN everywhere (a NaN or +inf logit, or every
+# logit -inf) gives a NaN KL and a NaN gradient for the whole column. The guards below test ``!= 0``
+# (never ``> 0``) so a NaN term is kept, and the kernel also flags such columns explicitly (``valid``)
+# rather than rely on how ``tl.max`` treats NaN.
 
 
 @triton.jit
@@ -63,206 +375,13 @@ def _columns(n_cols, n_col_tiles, BLOCK_I: tl.constexpr):
 
 @triton.jit
 def _offsets(o, cols, ks, K, n_cols, LAST_DIM: tl.constexpr):
-    """int64 linear offsets [BLOCK_K, BLOCK_I] of the elements (o, ks, cols)."""
+    """int64 linear offsets [BLOCK_K, BLOCK_I] of the elements (o, ks, cols) (K along axis 0)."""
     k64 = ks.to(tl.int64)[:, None]
     c64 = cols.to(tl.int64)[None, :]
     if LAST_DIM:  # columns are rows of length K (o == 0)
         return c64 * K + k64
     else:
         return (o.to(tl.int64) * K + k64) * n_cols + c64
-
-
-@triton.jit
-def _perturbed(x_ptr, offs, mask, seed_lo, seed_hi):
-    """z = logits + Gumbel noise in fp32; -inf where ``mask`` is off."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = x + gumbel_noise(seed_lo, seed_hi, offs)
-    return tl.where(mask, z, float("-inf"))
-
-
-@triton.jit
-def _load_f32(ptr, offs, mask):
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _online_update(m, s, z, scale):
-    """One chunk of an online softmax of ``z * scale`` along axis 0: new (max, rescaled sum, chunk exps).
-
-    -inf entries (masked lanes included) contribute 0 even while the running max is still -inf; NaN
-    entries make the sum NaN (the callers also flag NaN rows explicitly).
-    """
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    alpha = tl.where(m == m_new, 1.0, tl.exp((m - m_new) * scale))
-    e = tl.where(z == float("-inf"), 0.0, tl.exp((z - m_new[None, :]) * scale))
-    return m_new, s * alpha, e, alpha
-
-
-# ----------------------------------------------------------------------------------------------------
-# Soft sample (forward).
-
-
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, inv_tau, K, n_cols, n_col_tiles,
-                               BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, LAST_DIM: tl.constexpr,
-                               SINGLE: tl.constexpr):
-    o, cols, col_mask = _columns(n_cols, n_col_tiles, BLOCK_I)
-    ks = tl.arange(0, BLOCK_K)
-    if SINGLE:
-        mask = (ks < K)[:, None] & col_mask[None, :]
-        offs = _offsets(o, cols, ks, K, n_cols, LAST_DIM)
-        z = _perturbed(x_ptr, offs, mask, seed_lo, seed_hi)
-        has_nan = tl.max((z != z).to(tl.int32), axis=0) > 0
-        m = tl.max(z, axis=0)
-        e = tl.where(mask, tl.exp((z - m[None, :]) * inv_tau), 0.0)
-        y = e * (1.0 / tl.sum(e, axis=0))[None, :]
-        y = tl.where(has_nan[None, :], float("nan"), y)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        m = tl.full([BLOCK_I], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_I], tl.float32)
-        n_nan = tl.zeros([BLOCK_I], tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            mask = (kk < K)[:, None] & col_mask[None, :]
-            z = _perturbed(x_ptr, _offsets(o, cols, kk, K, n_cols, LAST_DIM), mask, seed_lo, seed_hi)
-            n_nan += tl.sum((z != z).to(tl.int32), axis=0)
-            m, s, e, alpha = _online_update(m, s, z, inv_tau)
-            s += tl.sum(e, axis=0)
-        r = 1.0 / s
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            mask = (kk < K)[:, None] & col_mask[None, :]
-            offs = _offsets(o, cols, kk, K, n_cols, LAST_DIM)
-            z = _perturbed(x_ptr, offs, mask, seed_lo, seed_hi)
-            y = tl.exp((z - m[None, :]) * inv_tau) * r[None, :]
-            y = tl.where(n_nan[None, :] > 0, float("nan"), y)
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Gumbel-argmax and the hard sample.
-
-
-@triton.jit
-def _gumbel_argmax_columns(x_ptr, seed_lo, seed_hi, o, cols, col_mask, K, n_cols,
-                           BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, LAST_DIM: tl.constexpr):
-    """argmax_k z per column (first index on ties, NaN largest, first NaN wins) and whether z has NaN."""
-    ks = tl.arange(0, BLOCK_K)
-    best = tl.full([BLOCK_I], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_I], tl.int32)  # index 0 is right when every z is -inf
-    first_nan = tl.full([BLOCK_I], _BIG, tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        kb = kk[:, None]
-        mask = (kk < K)[:, None] & col_mask[None, :]
-        z = _perturbed(x_ptr, _offsets(o, cols, kk, K, n_cols, LAST_DIM), mask, seed_lo, seed_hi)
-        is_nan = z != z
-        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, kb, _BIG), axis=0))
-        zc = tl.where(is_nan, float("-inf"), z)
-        c_max = tl.max(zc, axis=0)
-        c_idx = tl.min(tl.where((zc == c_max[None, :]) & mask, kb, _BIG), axis=0)
-        better = c_max > best  # strict: an earlier chunk keeps its tie
-        best = tl.where(better, c_max, best)
-        best_idx = tl.where(better, c_idx, best_idx)
-    has_nan = first_nan < _BIG
-    return tl.where(has_nan, first_nan, best_idx), has_nan
-
-
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_hard_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, K, n_cols, n_col_tiles,
-                            BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, LAST_DIM: tl.constexpr):
-    o, cols, col_mask = _columns(n_cols, n_col_tiles, BLOCK_I)
-    idx, has_nan = _gumbel_argmax_columns(x_ptr, seed_lo, seed_hi, o, cols, col_mask, K, n_cols,
-                                          BLOCK_K, BLOCK_I, LAST_DIM)
-    ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):  # writes only: the one-hot needs no logits
-        kk = k0 + ks
-        mask = (kk < K)[:, None] & col_mask[None, :]
-        y = tl.where(kk[:, None] == idx[None, :], 1.0, 0.0)
-        y = tl.where(has_nan[None, :], float("nan"), y)
-        tl.store(y_ptr + _offsets(o, cols, kk, K, n_cols, LAST_DIM), y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_argmax_kernel(x_ptr, idx_ptr, seed_lo, seed_hi, K, n_cols, n_col_tiles,
-                          BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, LAST_DIM: tl.constexpr):
-    o, cols, col_mask = _columns(n_cols, n_col_tiles, BLOCK_I)
-    idx, has_nan = _gumbel_argmax_columns(x_ptr, seed_lo, seed_hi, o, cols, col_mask, K, n_cols,
-                                          BLOCK_K, BLOCK_I, LAST_DIM)
-    out = o.to(tl.int64) * n_cols + cols.to(tl.int64)
-    tl.store(idx_ptr + out, idx.to(tl.int64), mask=col_mask)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backward: dlogits = y * (dy - sum_k dy * y) / tau; y is saved (soft) or recomputed (hard).
-
-
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_softmax_bwd_kernel(dy_ptr, saved_ptr, dx_ptr, seed_lo, seed_hi, inv_tau, K, n_cols, n_col_tiles,
-                               BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, LAST_DIM: tl.constexpr,
-                               SINGLE: tl.constexpr, RECOMPUTE: tl.constexpr):
-    o, cols, col_mask = _columns(n_cols, n_col_tiles, BLOCK_I)
-    ks = tl.arange(0, BLOCK_K)
-    if SINGLE:
-        mask = (ks < K)[:, None] & col_mask[None, :]
-        offs = _offsets(o, cols, ks, K, n_cols, LAST_DIM)
-        dy = _load_f32(dy_ptr, offs, mask)
-        if RECOMPUTE:  # saved = logits: y = softmax((logits + noise) / tau)
-            z = _perturbed(saved_ptr, offs, mask, seed_lo, seed_hi)
-            m = tl.max(z, axis=0)
-            e = tl.where(mask, tl.exp((z - m[None, :]) * inv_tau), 0.0)
-            y = e * (1.0 / tl.sum(e, axis=0))[None, :]
-        else:  # saved = y
-            y = _load_f32(saved_ptr, offs, mask)
-        dot = tl.sum(tl.where(mask, dy * y, 0.0), axis=0)
-        dx = y * (dy - dot[None, :]) * inv_tau
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    else:
-        if RECOMPUTE:
-            m = tl.full([BLOCK_I], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK_I], tl.float32)
-            t = tl.zeros([BLOCK_I], tl.float32)  # sum dy * exp((z - m) / tau), rescaled with s
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + ks
-                mask = (kk < K)[:, None] & col_mask[None, :]
-                offs = _offsets(o, cols, kk, K, n_cols, LAST_DIM)
-                z = _perturbed(saved_ptr, offs, mask, seed_lo, seed_hi)
-                dy = _load_f32(dy_ptr, offs, mask)
-                m, s, e, alpha = _online_update(m, s, z, inv_tau)
-                s += tl.sum(e, axis=0)
-                t = t * alpha + tl.sum(dy * e, axis=0)
-            r = 1.0 / s
-            dot = t * r
-        else:
-            dot = tl.zeros([BLOCK_I], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + ks
-                mask = (kk < K)[:, None] & col_mask[None, :]
-                offs = _offsets(o, cols, kk, K, n_cols, LAST_DIM)
-                dot += tl.sum(_load_f32(dy_ptr, offs, mask) * _load_f32(saved_ptr, offs, mask), axis=0)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            mask = (kk < K)[:, None] & col_mask[None, :]
-            offs = _offsets(o, cols, kk, K, n_cols, LAST_DIM)
-            dy = _load_f32(dy_ptr, offs, mask)
-            if RECOMPUTE:
-                z = _perturbed(saved_ptr, offs, mask, seed_lo, seed_hi)
-                y = tl.exp((z - m[None, :]) * inv_tau) * r[None, :]
-            else:
-                y = _load_f32(saved_ptr, offs, mask)
-            dx = y * (dy - dot[None, :]) * inv_tau
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------
-# KL(softmax(l) || uniform) = sum p (l - lse) + log K = t / s - log s + log K, with m = max l,
-# s = sum exp(l - m), t = sum exp(l - m) (l - m); its gradient is grad * p_k (l_k - m - t / s).
-# As in the reference, a term whose p is exactly 0 contributes 0 (0 log 0 = 0, so -inf and extreme finite
-# logits give no NaN), while a column whose log-softmax is NaN everywhere (a NaN or +inf logit, or every
-# logit -inf) gives a NaN KL and a NaN gradient for the whole column. The guards below test ``!= 0``
-# (never ``> 0``) so a NaN term is kept, and the kernel also flags such columns explicitly (``valid``)
-# rather than rely on how ``tl.max`` treats NaN.
 
 
 @triton.jit
@@ -338,6 +457,7 @@ def _kl_uniform_kernel(x_ptr, g_ptr, out_ptr, K, log_k, n_cols, n_col_tiles,
 
 
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Launchers.
 
 
@@ -358,8 +478,67 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
+def _num_warps(tile: int, per_thread: int = ELEMENTS_PER_THREAD) -> int:
+    return min(32, max(4, tile // (32 * per_thread)))
+
+
+def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int = 1, noise: bool = True,
+                 stream: bool = False):
+    """Grid, scalar arguments (n_rows, K, inner, n_c_tiles), single-pass flag and meta-parameters of a
+    Gumbel kernel.
+
+    ``inputs``: tensors the kernel keeps in registers on its single-pass path (the backward: 2);
+    ``noise``: whether it makes noise (then groups of four columns stay in one tile where they can);
+    ``stream``: a one-pass reduction that keeps nothing per element (argmax): chunks of at most
+    ``LOOP_TILE`` elements, whatever the length, so registers stay low and column chunks span full
+    128-byte lines. ``max_tile`` lowers the tile limit (tests use it to exercise the looped paths).
+    """
+    outer, K, inner = _geometry(x, dim)
+    last_dim = inner == 1
+    align4 = noise and ((K % 4 == 0) if last_dim else (inner % 4 == 0))
+    limit = max(4, _pow2_floor(max_tile or MAX_TILE // inputs))
+    if stream:
+        limit = min(limit, LOOP_TILE)
+    if noise and not align4:
+        limit = min(limit, UNALIGNED_TILE)
+    bk = triton.next_power_of_2(K)
+    if last_dim:  # tile [BR rows, BC categories]
+        single = bk <= limit
+        bc = bk if single else min(limit, LOOP_TILE)
+        br = min(max(1, TILE // bk), triton.next_power_of_2(outer)) if single else 1
+        n_c_tiles, n_programs = 1, triton.cdiv(outer, br)
+        masked = K % bc != 0 or outer % br != 0
+    else:  # tile [BR categories, BC inner positions]
+        cols_p2 = triton.next_power_of_2(inner)
+        min_cols = 4 if align4 else 1  # a group of four columns shares a Philox call
+        single = bk * min_cols <= limit
+        if single:
+            br = bk
+            bc = min(max(min_cols, TILE // bk, min(8, limit // bk)), cols_p2)
+        else:
+            bc = min(cols_p2, max(min_cols, LOOP_COLS))
+            br = max(1, min(limit, LOOP_TILE) // bc)
+        n_c_tiles = triton.cdiv(inner, bc)
+        n_programs = outer * n_c_tiles
+        masked = K % br != 0 or inner % bc != 0
+    if n_programs >= 2**31:
+        raise ValueError(f"tensor too large for the Triton Gumbel kernels: {n_programs} programs")
+    if K >= 2**31 - max(br, bc):
+        raise ValueError(f"size {K} of dim {dim} is too large for the Triton Gumbel kernels")
+    rel32 = br * (K if last_dim else inner) + bc < 2**31  # offsets within a chunk fit int32
+    if noise and (not align4 or inputs > 1):
+        per_thread = NARROW_ELEMENTS_PER_THREAD
+    elif single and not last_dim and inputs == 1 and br * bc > LOOP_TILE:  # the column strip
+        per_thread = STRIP_ELEMENTS_PER_THREAD
+    else:
+        per_thread = ELEMENTS_PER_THREAD
+    meta = dict(BR=br, BC=bc, LAST_DIM=last_dim, ALIGN4=align4, REL32=rel32, MASKED=masked,
+                num_warps=_num_warps(br * bc, per_thread))
+    return (n_programs,), (outer if last_dim else 1, K, inner, n_c_tiles), single, meta
+
+
 def _launch_plan(x: torch.Tensor, dim: int, max_block: Optional[int]):
-    """Grid and meta-parameters for a reduction of ``x`` along ``dim``."""
+    """Grid and meta-parameters of a KL kernel (tile [BLOCK_K, BLOCK_I], K along axis 0)."""
     outer, K, inner = _geometry(x, dim)
     last_dim = inner == 1
     n_cols = outer if last_dim else inner  # reduction columns per outer index
@@ -378,8 +557,6 @@ def _launch_plan(x: torch.Tensor, dim: int, max_block: Optional[int]):
         bi = 1 if last_dim else min(cols_p2, LOOP_COLS)
         bk = max(1, min(limit, LOOP_TILE) // bi)
     tile = bk * bi
-    # About 8 elements per thread: the Philox + log chain needs ~5 live registers per element, so
-    # this keeps sm_90 kernels near 40-60 registers without spills (ptxas -v on the 3.8 output).
     num_warps = min(32, max(4, tile // 256))
     n_col_tiles = triton.cdiv(n_cols, bi)
     n_programs = n_outer * n_col_tiles
@@ -400,20 +577,19 @@ def gumbel_softmax_forward(logits: torch.Tensor, seed: int, tau: float, hard: bo
     """Soft (``hard=False``) or one-hot (``hard=True``) Gumbel-softmax sample along ``dim``.
 
     logits: any shape, float32/16/bf16, contiguous. Returns a tensor of the same shape and dtype.
-    ``max_block`` lowers the single-pass limit (tests use it to exercise the looped path).
+    ``max_block`` lowers the single-pass tile limit (tests use it to exercise the looped path).
     """
     _check("gumbel_softmax_forward", logits)
     x = logits.contiguous()
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    grid, K, n_cols, n_col_tiles, single, meta = _launch_plan(x, dim, max_block)
+    grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=hard)
     lo, hi = seed_words(seed)
     if hard:
-        _gumbel_hard_fwd_kernel[grid](x, out, lo, hi, K, n_cols, n_col_tiles, **meta, **_NOISE_LAUNCH)
+        _gumbel_hard_fwd_kernel[grid](x, out, lo, hi, *sizes, **meta, **_NOISE_LAUNCH)
     else:
-        _gumbel_softmax_fwd_kernel[grid](x, out, lo, hi, 1.0 / tau, K, n_cols, n_col_tiles, SINGLE=single, **meta,
-                                         **_NOISE_LAUNCH)
+        _gumbel_softmax_fwd_kernel[grid](x, out, lo, hi, _LOG2E / tau, *sizes, SINGLE=single, **meta, **_NOISE_LAUNCH)
     return out
 
 
@@ -431,10 +607,10 @@ def gumbel_softmax_backward(grad: torch.Tensor, saved: torch.Tensor, seed: int, 
     out = torch.empty_like(s)
     if s.numel() == 0:
         return out
-    grid, K, n_cols, n_col_tiles, single, meta = _launch_plan(s, dim, max_block)
+    grid, sizes, single, meta = _gumbel_plan(s, dim, max_block, inputs=2, noise=bool(hard))
     lo, hi = seed_words(seed)
     launch = _NOISE_LAUNCH if hard else {}
-    _gumbel_softmax_bwd_kernel[grid](dy, s, out, lo, hi, 1.0 / tau, K, n_cols, n_col_tiles, SINGLE=single,
+    _gumbel_softmax_bwd_kernel[grid](dy, s, out, lo, hi, 1.0 / tau, _LOG2E / tau, *sizes, SINGLE=single,
                                      RECOMPUTE=bool(hard), **meta, **launch)
     return out
 
@@ -446,9 +622,9 @@ def gumbel_argmax(logits: torch.Tensor, seed: int, dim: int, *, max_block: Optio
     out = torch.empty(_reduced_shape(x, dim), dtype=torch.int64, device=x.device)
     if x.numel() == 0:
         return out
-    grid, K, n_cols, n_col_tiles, single, meta = _launch_plan(x, dim, max_block)
+    grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=True)
     lo, hi = seed_words(seed)
-    _gumbel_argmax_kernel[grid](x, out, lo, hi, K, n_cols, n_col_tiles, **meta, **_NOISE_LAUNCH)
+    _gumbel_argmax_kernel[grid](x, out, lo, hi, *sizes, **meta, **_NOISE_LAUNCH)
     return out
 
 

@@ -2,44 +2,78 @@
 
 The launchers take what ``vlm_kernels.ops.window_attention``'s backend contract gives (contiguous,
 checked tensors of one dtype and device; float32, float16 or bfloat16) and match
-``vlm_kernels.reference.window_attention`` to float32 rounding (softmax, sums and dots accumulate in
-float32; float32 dots run in IEEE fp32, not TF32).
+``vlm_kernels.reference.window_attention``: softmax, sums and dots accumulate in float32.
 
-Program mapping. One program per (window, head), heads fastest (neighbouring programs read the same
-tokens' rows), on a 1D grid (no axis is capped at 65535); window ``w`` counts over the batch
-(``b = w // nW``). The program computes the coordinates of its window's tokens itself:
+Dots. fp16/bf16: tensor cores (``tl.dot`` on 16-bit operands, fp32 accumulation; exact products).
+fp32: IEEE fp32 dots by default (FMA units); TF32 tensor cores when PyTorch allows TF32 for float32
+matmuls (``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``
+/ ``"medium"``), read at each call, the same switch that makes timm's ``q @ k.transpose(-2, -1)`` use
+TF32. Operands that are products of the kernel (p, ds) are rounded to the input dtype for their dots,
+as timm's eager math rounds them; v2's normalised q and k rows are computed in fp32 and rounded likewise.
 
-* token ``i`` of window ``(wy, wx)`` sits at ``(ys, xs) = (wy * Mh + i // Mw, wx * Mw + i % Mw)`` of the
-  padded, shifted map; it is real when ``ys < H and xs < W`` and then reads the qkv row of the unshifted
-  token ``((ys + sh) % H, (xs + sw) % W)`` (the cyclic shift); a padded token reads ``pad_qkv`` (or
-  zeros); the output row is written back at that same unshifted place;
-* the relative bias is ``table[(dy + Mh - 1) * (2Mw - 1) + dx + Mw - 1, head]`` gathered by computed index
-  (or ``bias[head, i, j]`` when dense);
-* the shifted-window mask is ``-100`` where ``(ys_i >= Hp - sh) != (ys_j >= Hp - sh)`` or the same in x
-  (the coordinate rule of the reference docstring, timm's mask without the (nW, N, N) tensor).
+Bias and mask tile. Before the attention kernels, ``_bias_mask_kernel`` (one small launch) builds the
+table ``bm`` (heads, kinds, NP, NP) in fp32: the relative position bias (gathered from the
+((2Mh-1)(2Mw-1), heads) table by relative index, or the dense (heads, N, N) one) plus the additive mask
+of each window *kind*, times log2(e) (the kernels use exp2), and -inf on the key columns j >= N that pad
+the window to the tile (those keys then get probability exactly 0 with no per-element test). Kinds:
 
-``windowed_*`` (already partitioned (B*nW, heads, N, d) q, k, v) run the same kernels with plain row
-offsets and a dense (nW, N, N) mask ``mask[w % nW]``.
+* map layout, shifted: timm's -100 mask only cuts the last window row (at ``Hp - sh``) and the last
+  window column (at ``Wp - sw``) of the padded shifted map, and inside a window the cut sits at a fixed
+  offset (``Mh - sh``, ``Mw - sw``), so there are four kinds: interior (no mask), last row, last column,
+  corner; kind = 2 * (window row is last) + (window column is last). Unshifted: one kind.
+* windowed layout with a dense (nW, N, N) mask: kind = w % nW, one tile per mask window.
 
-The window's N tokens are padded to a power of two ``NP >= 16`` (tl.dot's minimum) with masking; so is
-the head dim. Windows of ``NP <= 64`` (7x7, 8x8, and every smaller or rectangular one) are one tile:
-the forward computes S, the softmax and P V once; the backward (``_bwd_fused_kernel``) rebuilds P from
-q, k, the bias and the saved lse, renormalises it (see the reference backward: the lse is exact only
-to ~ulp(lse)), and computes dv, dp, ``D = rowsum(p * dp)`` from that same p (rows of ds then sum to 0
-to rounding, which v2's logit-scale gradient needs), ds, dq, dk in one pass, over a few windows per
-program. Larger windows (12x12 -> 256, 16x16) use 64 x 64 tiles: the forward is a flash loop over key
-blocks with an online softmax; the backward runs a row kernel (per query block: row sums and D over the
-key blocks, then dq, the bias and logit-scale terms) that saves each row's (renormaliser, D), then a
-column kernel (per key block: dk, dv over the query blocks, FA2 style).
+The attention kernels thus add one loaded tile per (window, head) instead of gathering the bias and
+comparing region labels per element. The table is heads * kinds * NP^2 * 4 bytes: 64 KB per head for
+shifted 7x7 windows (16 KB unshifted), next to megabytes of q, k, v.
+
+Program mapping. Windows of at most ``FUSED_MAX`` (64) padded tokens (7x7, 8x8 and smaller or
+rectangular ones) are one tile: a program takes one head and a run of consecutive windows (``_fwd_kernel``,
+``_bwd_fused_kernel``), 1D grid ``groups * heads``, heads fastest (neighbouring programs read the same
+token rows); the backward sums the bias gradient of its windows in registers and adds it once. One
+warpgroup per window tile (tensor cores; 8 warps with IEEE fp32 FMA dots). The one-tile kernels take
+head dims up to 128 forward and 64 backward with tensor cores, 32 with IEEE fp32; larger head dims go
+through the tiled kernels, whose blocks shrink with the head dim (``_one_tile``, ``_tiled_blocks``: the
+choices that ptxas compiles for sm_90 without spilling).
+
+Per window a program computes its tokens' rows with int32 arithmetic (64-bit only for the row
+offsets): token ``i`` of window ``(wy, wx)`` sits at ``(ys, xs) = (wy * Mh + i // Mw, wx * Mw + i % Mw)`` of
+the padded, shifted map; it is real when ``ys < H and xs < W`` and then reads the qkv row of the unshifted
+token ``((ys + sh) % H, (xs + sw) % W)`` (the cyclic shift); a padded token reads ``pad_qkv`` (its pointer
+is redirected there, or the load masked to 0); the output row is written back at that same place.
+Warps and pipelining stages are autotuned per shape (one configuration under the interpreter).
+
+Larger windows (12x12, 16x16) use blocks of up to TILE x TILE: a flash forward over key blocks with an
+online softmax (``_fwd_tiled_kernel``, one query block per program), and a backward split in a row kernel (per
+query block: row sums and ``D`` over the key blocks, then dq, the bias and logit-scale terms; it saves each
+row's renormaliser and ``D``) and a column kernel (per key block: dk, dv over the query blocks, FA2 style).
+
+Backward of one-tile windows: P is recomputed from the logits exactly as in the forward (row max and
+sum, no saved lse), so every query row, including padded tokens' (cropped) rows, has the softmax that
+eager autograd differentiates; then dv, dp, ``D = rowsum(p * dp)`` from that same p (rows of ds sum to 0
+to rounding, which v2's logit-scale gradient needs), ds, dq, dk. The tiled backward rebuilds P from the
+saved lse and renormalises it (the lse is exact only to ~ulp(lse)); padded tokens' query rows there are 0.
+
+Non-finite values follow eager PyTorch's math: a NaN in a key or value channel of one token makes every
+query row of that (window, head) NaN (it enters every row sum); a NaN in a query channel makes that row
+NaN. The row max is Triton's (NaN-dropping) maximum, but a NaN logit still reaches the row sum and the
+output through ``exp2(NaN - m)``; key columns past N hold -inf and zero q/k/v rows, so they never add NaN
+of their own. In the one-tile backward the gradients are those of eager autograd through timm's math,
+NaN included (a NaN row of p spreads into dk, dv and the bias gradient as autograd spreads it).
 
 Gradients: dq, dk, dv are stored straight into the (B, H, W, 3C) gradient (every real token lies in
-exactly one window: no atomics); padded tokens' dk/dv rows are summed per program into the fp32
-``pad_qkv`` gradient with ``tl.atomic_add`` (their dq is 0: padded queries are cropped). The bias
-gradient is summed per program over its windows (fused path) or per tile (large windows) into an fp32
-(heads, N, N) buffer with ``tl.atomic_add``; the launcher turns it into the table gradient with one
-small index_add (``reference.table_gradient``). The logit-scale gradient ``sum(ds * cos)`` is reduced
-per program and atomically added per head. On a GPU, float atomics make dbias, dpad_qkv and
-dlogit_scale not bit-reproducible from run to run (dqkv is).
+exactly one window: no atomics); padded tokens' dq/dk/dv rows are summed per program into the fp32
+``pad_qkv`` gradient with ``tl.atomic_add``. The bias gradient is summed per program over its windows
+(fused path) or per tile (large windows) into an fp32 (heads, N, N) buffer with ``tl.atomic_add``; the
+launcher turns it into the table gradient with one small index_add (``reference.table_gradient``). The
+logit-scale gradient ``sum(ds * cos)`` is reduced per program and atomically added per head; the one-tile
+backward takes its row terms as ``normalize(q)_i . (ds @ normalize(k))_i``, the dot it needs for dq
+anyway, so that no cos tile stays live. On a GPU,
+float atomics make dbias, dpad_qkv and dlogit_scale not bit-reproducible from run to run (dqkv is).
+
+Triton language features used are present since Triton 3.2 (``tl.dot(input_precision=...)``,
+``triton.autotune(reset_to_zero=...)``, ``tl.exp2``/``tl.log2``, runtime loop bounds, ``tl.where`` on
+pointers, ``tl.atomic_add(sem="relaxed")``).
 """
 
 from __future__ import annotations
@@ -58,18 +92,58 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _EPS = tl.constexpr(1e-12)  # F.normalize's eps
 _LOG100 = tl.constexpr(math.log(100.0))  # v2 clamps the learnt logit scale at log(100)
 _MASK_VALUE = tl.constexpr(-100.0)  # timm's shifted-window mask value
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
-# Windows whose padded token count is at most this are one tile (fused backward).
+# Windows whose padded token count is at most this are one tile (fused kernels).
 FUSED_MAX = 64
 # Tile edge (query and key blocks) for larger windows.
 TILE = 64
-# Target number of programs of the fused backward; it takes several windows per program beyond this so
-# that the (heads, N, N) bias gradient is atomically added fewer times.
-BWD_PROGRAMS = 2048
-MAX_WINDOWS_PER_PROGRAM = 8
+# Target program counts of the one-tile kernels: a program takes several windows of one head beyond
+# this. The forward only amortises its per-program set-up; the backward also adds its (heads, N, N)
+# bias gradient atomically once per program, so it takes more windows per program.
+FWD_PROGRAMS = 4096
+BWD_PROGRAMS = 1024
+MAX_WINDOWS_PER_PROGRAM = 16
 
-_NONE, _TABLE, _DENSE = 0, 1, 2  # BIAS kinds
-_COORD = 1  # MASK kinds: 0 none, 1 from coordinates (map), 2 dense (windowed)
+_MASK_NONE, _MASK_COORD, _MASK_DENSE = 0, 1, 2  # how the bias/mask table builds its kinds
+_BIAS_NONE, _BIAS_TABLE, _BIAS_DENSE = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotuning: a few configurations on a GPU, one under the interpreter (speed of the CPU tests).
+
+
+def _configs(options):
+    if triton_interpreted():
+        options = options[:1]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in options]
+
+
+# (num_warps, num_stages). Tensor-core dots (16-bit, TF32): one warpgroup per 64 x 64 tile (a second
+# one would repeat the tile's wgmma, not split it), each tile's fp32 values at 32 registers per thread;
+# two stages let the next window's loads run under this window's math. IEEE fp32 dots run on the FMA
+# units and need 8 warps to keep their operands in registers (ptxas spills at 4).
+_FWD_CONFIGS = _configs([(4, 2), (4, 1), (8, 1), (8, 2)])
+_BWD_CONFIGS = _configs([(4, 1), (4, 2), (8, 1)])
+
+
+def _prune_by_dot(configs, named_args, **kwargs):
+    fma = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
+    return [c for c in configs if (c.num_warps == 8) == fma] or configs[:1]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """As _prune_by_dot; at d = 64 the backward's second pipeline stage (another window's q, k, v, do
+    in flight) costs the registers it would need (ptxas spills with v2), so one stage there."""
+    configs = _prune_by_dot(configs, named_args, **kwargs)
+    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) >= 64:
+        configs = [c for c in configs if c.num_stages == 1] or configs[:1]
+    return configs
+
+
+_TUNE_KEY = ["N", "d", "heads", "COSINE", "HAS_PAD", "DOT_PREC"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,45 +151,58 @@ _COORD = 1  # MASK kinds: 0 none, 1 from coordinates (map), 2 dense (windowed)
 
 
 @triton.jit
-def _tokens(idx, w, head, H, W, Hp, Wp, sh, sw, nWw, nW, heads, N,
-            MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr):
-    """Rows of tokens ``idx`` (int32 [X]) of window ``w`` (int64): (row, valid, real, ty, tx, fy, fx).
-
-    ``row`` indexes qkv/out rows (map: the unshifted token ``(b * H + y) * W + x``; windowed:
-    ``(w * heads + head) * N + i``), int64. ``valid``: a token of the window (i < N); ``real``: valid and
-    not padding. ``ty, tx``: position in the window (bias index); ``fy, fx``: the token lies past the
-    mask cut of the padded shifted map (``Hp - sh``, ``Wp - sw``).
-    """
-    valid = idx < N
+def _window(w, nW, nWw, last_y, last_x, n_kinds, MAP: tl.constexpr):
+    """(image b, window row wy, window column wx, kind) of window ``w`` (int32 scalars)."""
     if MAP:
         b = w // nW
-        win = w % nW
-        ty = idx // MW
-        tx = idx % MW
-        ys = (win // nWw) * MH + ty
-        xs = (win % nWw) * MW + tx
-        real = valid & (ys < H) & (xs < W)
-        row = (b * H + (ys + sh) % H) * W + (xs + sw) % W
-        fy = ys >= Hp - sh
-        fx = xs >= Wp - sw
+        win = w - b * nW
+        wy = win // nWw
+        wx = win - wy * nWw
+        kind = (wy == last_y).to(tl.int32) * 2 + (wx == last_x).to(tl.int32)
     else:
-        real = valid
-        row = (w * heads + head) * N + idx
-        ty = idx
-        tx = idx
-        fy = valid
-        fx = valid
-    return row, valid, real, ty, tx, fy, fx
+        b = w
+        wy = w * 0
+        wx = w * 0
+        kind = w % n_kinds
+    return b, wy, wx, kind
 
 
 @triton.jit
-def _load_rows(ptr, row, stride, col, dcol, dmask, real, pad_ptr, HAS_PAD: tl.constexpr):
-    """[X, BLOCK_D] tile of rows ``row`` at column ``col``; padded rows read ``pad_ptr[col:]`` (or 0)."""
-    x = tl.load(ptr + (row[:, None] * stride + col + dcol[None, :]), mask=real[:, None] & dmask[None, :],
-                other=0.0)
+def _token_rows(w, b, wy, wx, head, ty, tx, idx, valid, H, W, shy, shx, heads, N,
+                MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr):
+    """(row int64 [X], real [X]) of tokens ``idx`` of window ``w``.
+
+    Map layout: ``row`` is the unshifted token ``(b * H + y) * W + x`` of the (B, H, W, .) tensors;
+    ``real`` marks the window's tokens that are not padding. ``shy, shx`` are the shifts modulo H, W
+    (so a single wrap-around suffices). Windowed layout: ``row = (w * heads + head) * N + i``.
+    """
+    if MAP:
+        ys = wy * MH + ty
+        xs = wx * MW + tx
+        real = valid & (ys < H) & (xs < W)
+        y = ys + shy
+        y = tl.where(y >= H, y - H, y)
+        x = xs + shx
+        x = tl.where(x >= W, x - W, x)
+        row = (tl.cast(b, tl.int64) * H) * W + (y * W + x)
+    else:
+        real = valid
+        row = (tl.cast(w, tl.int64) * heads + head) * N + idx
+    return row, real
+
+
+@triton.jit
+def _load_rows(ptr, row, stride, col, dcol, dmask, valid, real, pad_ptr, HAS_PAD: tl.constexpr):
+    """[X, BLOCK_D] tile of rows ``row`` at column ``col``; padded tokens read ``pad_ptr[col:]`` (or 0),
+    rows past the window read 0."""
+    # Row pointers first (1D), then the columns: a [X, BLOCK_D] 64-bit offset tile built outside the
+    # window loop would stay live across it (ptxas registers).
     if HAS_PAD:
-        pad = tl.load(pad_ptr + col + dcol, mask=dmask, other=0.0)
-        x = tl.where(real[:, None], x, pad[None, :])
+        rows = tl.where(real, ptr + (row * stride + col), pad_ptr + col)
+        x = tl.load(rows[:, None] + dcol[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    else:
+        x = tl.load((ptr + (row * stride + col))[:, None] + dcol[None, :], mask=real[:, None] & dmask[None, :],
+                    other=0.0)
     return x
 
 
@@ -132,6 +219,18 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot_split(a, a_op, b, DOT_PREC: tl.constexpr):
+    """a @ b for fp32 ``a`` whose operand ``a_op`` was rounded to 16 bits: the rounding error goes through
+    a second dot, so that the product is accurate to ~2^-16 of |a| |b|. v2's logit-scale gradient sums
+    ds * cos over every pair, terms of both signs whose rows cancel: ds rounded to 16 bits once would
+    leave errors several times those of timm's eager math."""
+    c = _dot(a_op, b, DOT_PREC)
+    if a_op.dtype != tl.float32:
+        c += _dot((a - a_op.to(tl.float32)).to(a_op.dtype), b, DOT_PREC)
+    return c
+
+
+@triton.jit
 def _row_norm(x):
     """(|x|, max(|x|, eps)) per row, in fp32."""
     xf = x.to(tl.float32)
@@ -140,33 +239,21 @@ def _row_norm(x):
 
 
 @triton.jit
-def _cos_operand(x, den, COSINE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """(operand, row factor) of the cosine dots: cos = dot(xo_q, xo_k^T) * f_q f_k.
-
-    fp32 (``ieee``): the rows normalised first, ``x / max(|x|, eps)`` (F.normalize's rounding, so the
-    interpreter tests agree with timm to its own rounding), factor 1. 16-bit: the raw rows (exact
-    products in the MMA) and the factor ``1 / max(|x|, eps)`` applied in fp32, which is more accurate than
-    rounding normalised rows back to 16 bits. v1: ``x`` itself (the factor is unused).
-    """
-    # Nested constexpr ifs and one return: older Triton front ends reject `and` on constexprs and early
-    # returns from branches.
+def _cos_operand(x, den, COSINE: tl.constexpr):
+    """The operand of the q k^T dot: v2, the rows normalised in fp32, ``x / max(|x|, eps)`` (F.normalize),
+    in x's dtype (16-bit inputs: rounded to 16 bits as timm's eager F.normalize output is); v1, x."""
     if COSINE:
-        if DOT_PREC == "ieee":
-            xo = x.to(tl.float32) / den[:, None]
-            f = den * 0.0 + 1.0
-        else:
-            xo = x
-            f = 1.0 / den
+        xo = (x.to(tl.float32) / den[:, None]).to(x.dtype)
     else:
         xo = x
-        f = 1.0 / den
-    return xo, f
+    return xo
 
 
 @triton.jit
-def _normalize_bwd(x, g, norm, den):
-    """Gradient of ``x / max(|x|, eps)`` per row given the gradient ``g`` of the normalised rows."""
-    y = x.to(tl.float32) / den[:, None]
+def _normalize_bwd_y(y, g, norm, den):
+    """Gradient of ``x / max(|x|, eps)`` per row given the gradient ``g`` of the normalised rows and the
+    normalised rows ``y`` themselves (the dots' operands: for 16-bit inputs rounded to 16 bits, as the
+    eager F.normalize output that timm differentiates is)."""
     yg = tl.where(norm >= _EPS, tl.sum(y * g, axis=1), 0.0)
     return (g - yg[:, None] * y) / den[:, None]
 
@@ -181,338 +268,431 @@ def _logit_multiplier(ls_ptr, head, COSINE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-            qi, q_valid, q_ty, q_tx, q_fy, q_fx, kj, k_valid, k_ty, k_tx, k_fy, k_fx,
-            MH: tl.constexpr, MW: tl.constexpr, BIAS: tl.constexpr, MASK: tl.constexpr, COSINE: tl.constexpr,
-            DOT_PREC: tl.constexpr):
-    """(s, cos) [BM, BN] in fp32: the logits of query rows ``qi`` against keys ``kj``, -inf on padding
-    columns (j >= N); ``cos`` is the cosine (v2) or the raw q k^T (v1, unused). ``q, k, rq, rk``: the
-    operands and row factors of ``_cos_operand`` (v2) or the raw rows (v1)."""
-    qk = _dot(q, tl.trans(k), DOT_PREC)
+def _logits2(qk, t, scale, bm, COSINE: tl.constexpr):
+    """The logits in base 2 (``s * log2(e)``; the bias/mask tile ``bm`` is already scaled) from the
+    q k^T dot: v2, ``cos * t`` (qk is the cosine); v1, ``qk * scale``."""
     if COSINE:
-        cos = qk * rq[:, None] * rk[None, :]
-        s = cos * t
+        s2 = qk * (t * _LOG2E) + bm
     else:
-        cos = qk
-        s = qk * scale
-    pair = q_valid[:, None] & k_valid[None, :]
-    if BIAS == 1:  # table ((2Mh-1)(2Mw-1), heads), gathered by relative index
-        rel = (q_ty[:, None] - k_ty[None, :] + (MH - 1)) * (2 * MW - 1) + (q_tx[:, None] - k_tx[None, :] + (MW - 1))
-        # Per-element offsets stay int32 (a 64-bit [BM, BN] offset tensor costs 2 registers per element);
-        # the 64-bit per-head/per-window bases go on the scalar pointer.
-        s += tl.load((bias_ptr + head) + rel * heads, mask=pair, other=0.0).to(tl.float32)
-    elif BIAS == 2:  # dense (heads, N, N)
-        s += tl.load((bias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), mask=pair, other=0.0).to(tl.float32)
-    if MASK == 1:  # shifted windows: tokens on different sides of a cut
-        differ = (q_fy[:, None] != k_fy[None, :]) | (q_fx[:, None] != k_fx[None, :])
-        s = tl.where(differ, s + _MASK_VALUE, s)
-    elif MASK == 2:  # dense (nW, N, N), mask[w % nW]
-        s += tl.load((mask_ptr + (w % n_mask) * N * N) + (qi[:, None] * N + kj[None, :]), mask=pair,
-                     other=0.0).to(tl.float32)
-    s = tl.where(k_valid[None, :], s, float("-inf"))
-    return s, cos
+        s2 = qk * (scale * _LOG2E) + bm
+    return s2
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward.
+# The bias + mask table (one small launch per call).
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, out_ptr, lse_ptr, scale,
-                H, W, Hp, Wp, sh, sw, nWw, nW, n_mask, heads, N, d,
+def _bias_mask_kernel(bias_ptr, mask_ptr, bm_ptr, heads, n_kinds, N, cut_y, cut_x,
+                      MH: tl.constexpr, MW: tl.constexpr, BIAS: tl.constexpr, MASK: tl.constexpr,
+                      NP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """bm[head, kind, i, j] = (bias[head, i, j] + mask_kind[i, j]) * log2(e) for i, j < N; -inf for
+    j >= N (keys that pad the tile); 0 for i >= N > j. One program per (head, kind, block)."""
+    pid = tl.program_id(0)
+    n_col_blocks = NP // BLOCK_J
+    n_blocks = (NP // BLOCK_I) * n_col_blocks
+    blk = pid % n_blocks
+    hk = pid // n_blocks
+    kind = hk % n_kinds
+    head = hk // n_kinds
+    i = (blk // n_col_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = (blk % n_col_blocks) * BLOCK_J + tl.arange(0, BLOCK_J)
+    pair = (i < N)[:, None] & (j < N)[None, :]
+    val = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+    if BIAS == 1:  # table ((2Mh-1)(2Mw-1), heads), gathered by relative index
+        rel = ((i // MW)[:, None] - (j // MW)[None, :] + (MH - 1)) * (2 * MW - 1) \
+            + ((i % MW)[:, None] - (j % MW)[None, :] + (MW - 1))
+        val += tl.load(bias_ptr + (rel * heads + head), mask=pair, other=0.0).to(tl.float32)
+    elif BIAS == 2:  # dense (heads, N, N)
+        val += tl.load(bias_ptr + (head * N * N + i[:, None] * N + j[None, :]), mask=pair, other=0.0).to(tl.float32)
+    if MASK == 1:  # kind = 2 * (last window row) + (last window column); cut at Mh - sh, Mw - sw
+        ky = kind // 2
+        kx = kind % 2
+        fy = (i // MW) >= cut_y
+        fx = (i % MW) >= cut_x
+        gy = (j // MW) >= cut_y
+        gx = (j % MW) >= cut_x
+        differ = ((fy[:, None] != gy[None, :]) & (ky == 1)) | ((fx[:, None] != gx[None, :]) & (kx == 1))
+        val = tl.where(differ, val + _MASK_VALUE, val)
+    elif MASK == 2:  # dense (n_kinds, N, N)
+        val += tl.load(mask_ptr + (kind * N * N + i[:, None] * N + j[None, :]), mask=pair, other=0.0).to(tl.float32)
+    val = tl.where((j < N)[None, :], val * _LOG2E, float("-inf"))
+    tl.store(bm_ptr + (hk * NP * NP + i[:, None] * NP + j[None, :]), val)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward, windows of one tile: several windows of one head per program.
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY + ["ONE_KIND"],
+                 prune_configs_by={"early_config_prune": _prune_by_dot})
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, scale,
+                n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
                 in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                 MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                BIAS: tl.constexpr, MASK: tl.constexpr, COSINE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                ONE_BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % heads
-    w = pid // heads
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
-    for m0 in range(0, N, BLOCK_M):
-        qi = m0 + tl.arange(0, BLOCK_M)
-        q_row, q_valid, q_real, q_ty, q_tx, q_fy, q_fx = _tokens(qi, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                 heads, N, MH, MW, MAP)
-        q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q)
-        qo, rq = _cos_operand(q, q_den, COSINE, DOT_PREC)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, N, BLOCK_N):  # one iteration when the window is one tile
-            kj = n0 + tl.arange(0, BLOCK_N)
-            k_row, k_valid, k_real, k_ty, k_tx, k_fy, k_fx = _tokens(kj, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                     heads, N, MH, MW, MAP)
-            k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k)
-            ko, rk = _cos_operand(k, k_den, COSINE, DOT_PREC)
-            s, cos = _scores(qo, ko, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-                             qi, q_valid, q_ty, q_tx, q_fy, q_fx, kj, k_valid, k_ty, k_tx, k_fy, k_fx,
-                             MH, MW, BIAS, MASK, COSINE, DOT_PREC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)  # 0 on the first block (m_i = -inf, m_new finite)
-            e = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(e, axis=1)
-            if ONE_BLOCK:  # whole rows: p normalised before P V, as softmax(s) @ v rounds it
-                acc = _dot((e / l_i[:, None]).to(v.dtype), v, DOT_PREC)
-            else:
-                acc = acc * alpha[:, None] + _dot(e.to(v.dtype), v, DOT_PREC)
-            m_i = m_new
-        if ONE_BLOCK:
-            out = acc
-        else:
-            out = acc / l_i[:, None]
-        lse = m_i + tl.log(l_i)
-        out_offs = q_row[:, None] * out_stride + head * out_head + dcol[None, :]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & dmask[None, :])
-        tl.store(lse_ptr + (q_row * lse_stride + head * lse_head), lse, mask=q_real)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backward, windows of one tile: everything from one rebuilt P, several windows per program.
-
-
-@triton.jit
-def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, do_ptr, lse_ptr,
-                      dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dpad_ptr, dt_ptr, scale,
-                      H, W, Hp, Wp, sh, sw, nWw, nW, n_mask, heads, N, d,
-                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
-                      n_windows, windows_per_program,
-                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      BIAS: tl.constexpr, MASK: tl.constexpr, COSINE: tl.constexpr,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+                ONE_KIND: tl.constexpr, COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
     head = pid % heads
     w_start = (pid // heads) * windows_per_program
     w_end = tl.minimum(w_start + windows_per_program, n_windows)
+    idx = tl.arange(0, BLOCK)
+    ty = idx // MW
+    tx = idx % MW
+    valid = idx < N
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < d
     in_col = head * in_head
     out_col = head * out_head
     t = _logit_multiplier(ls_ptr, head, COSINE)
-    idx = tl.arange(0, BLOCK)
-    dbias_acc = tl.zeros([BLOCK, BLOCK], tl.float32)
-    dt_acc = tl.zeros([BLOCK], tl.float32)
-    dpk_acc = tl.zeros([BLOCK_D], tl.float32)
-    dpv_acc = tl.zeros([BLOCK_D], tl.float32)
+    bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
+    tile = idx[:, None] * BLOCK + idx[None, :]
+    if ONE_KIND:
+        bm = tl.load(bm_head + tile)
     for w in range(w_start, w_end):
-        row, valid, real, ty, tx, fy, fx = _tokens(idx, w, head, H, W, Hp, Wp, sh, sw, nWw, nW, heads, N,
-                                                   MH, MW, MAP)
-        q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, real, pad_ptr, HAS_PAD)
-        k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, real, pad_ptr, HAS_PAD)
-        v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, real, pad_ptr, HAS_PAD)
-        io_mask = real[:, None] & dmask[None, :]
-        out_offs = row[:, None] * out_stride + out_col + dcol[None, :]
-        do = tl.load(do_ptr + out_offs, mask=io_mask, other=0.0)
-        lse = tl.load(lse_ptr + (row * lse_stride + head * lse_head), mask=real, other=float("inf"))
+        b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
+        row, real = _token_rows(w, b, wy, wx, head, ty, tx, idx, valid, H, W, shy, shx, heads, N, MH, MW, MAP)
+        if not ONE_KIND:
+            bm = tl.load(bm_head + kind * (BLOCK * BLOCK) + tile)
+        q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+        k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+        v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         q_norm, q_den = _row_norm(q)
-        qo, rq = _cos_operand(q, q_den, COSINE, DOT_PREC)
+        qo = _cos_operand(q, q_den, COSINE)
         k_norm, k_den = _row_norm(k)
-        ko, rk = _cos_operand(k, k_den, COSINE, DOT_PREC)
-        s, cos = _scores(qo, ko, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-                         idx, valid, ty, tx, fy, fx, idx, valid, ty, tx, fy, fx,
-                         MH, MW, BIAS, MASK, COSINE, DOT_PREC)
-        # Padded queries (cropped) and rows past N: p = 0, so they give no gradient anywhere.
-        p = tl.where(real[:, None], tl.exp(s - lse[:, None]), 0.0)
-        rsum = tl.sum(p, axis=1)
-        p = p / tl.where(rsum > 0, rsum, 1.0)[:, None]
-        dp = _dot(do, tl.trans(v), DOT_PREC)
-        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-        # Reductions first and each gradient stored as soon as it is made: fewer [BLOCK, BLOCK] tiles
-        # live at once (register spills).
-        if BIAS != 0:
-            dbias_acc += ds
-        if COSINE:
-            dt_acc += tl.sum(ds * cos, axis=0)
-        in_offs = row[:, None] * in_stride + in_col + dcol[None, :]
-        padded = (valid & ~real)[:, None]
-        dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-        tl.store(dv_ptr + (in_offs + v_off), dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
-        if HAS_PAD:
-            dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
-        if COSINE:
-            dsc = ds * t
-            dq = _normalize_bwd(q, _dot((dsc * rk[None, :]).to(ko.dtype), ko, DOT_PREC), q_norm, q_den)
-            tl.store(dq_ptr + in_offs, dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
-            dk = _normalize_bwd(k, _dot(tl.trans((dsc * rq[:, None]).to(qo.dtype)), qo, DOT_PREC),
-                                k_norm, k_den)
-        else:
-            dq = _dot(ds.to(k.dtype), k, DOT_PREC) * scale
-            tl.store(dq_ptr + in_offs, dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_PREC) * scale
-        tl.store(dk_ptr + (in_offs + k_off), dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
-        if HAS_PAD:
-            dpk_acc += tl.sum(tl.where(padded, dk, 0.0), axis=0)
-    if BIAS != 0:
-        pair = (idx < N)[:, None] & (idx < N)[None, :]
-        tl.atomic_add((dbias_ptr + head * N * N) + (idx[:, None] * N + idx[None, :]), dbias_acc, mask=pair)
-    if COSINE:
-        tl.atomic_add(dt_ptr + head, tl.sum(dt_acc, axis=0))
-    if HAS_PAD:
-        tl.atomic_add(dpad_ptr + (in_col + k_off + dcol), dpk_acc, mask=dmask)
-        tl.atomic_add(dpad_ptr + (in_col + v_off + dcol), dpv_acc, mask=dmask)
+        ko = _cos_operand(k, k_den, COSINE)
+        cos = _dot(qo, tl.trans(ko), DOT_PREC)
+        s2 = _logits2(cos, t, scale, bm, COSINE)
+        m = tl.max(s2, axis=1)
+        e = tl.exp2(s2 - m[:, None])
+        l = tl.sum(e, axis=1)
+        out = _dot(e.to(v.dtype), v, DOT_PREC) * (1.0 / l)[:, None]
+        lse = (m + tl.log2(l)) * _LN2
+        tl.store((out_ptr + (row * out_stride + out_col))[:, None] + dcol[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=real[:, None] & dmask[None, :])
+        tl.store(lse_ptr + (row * lse_stride + head * lse_head), lse, mask=real)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backward, larger windows: a row kernel (dq, dbias, dlogit_scale, per-row statistics) then a column
-# kernel (dk, dv), both on TILE x TILE blocks.
+# Backward, windows of one tile: everything from one recomputed P, several windows per program.
 
 
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, reset_to_zero=["dbias_ptr", "dpad_ptr", "dt_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
-def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, do_ptr, lse_ptr,
-                     dq_ptr, dbias_ptr, dt_ptr, rsum_ptr, dsum_ptr, scale,
-                     H, W, Hp, Wp, sh, sw, nWw, nW, n_mask, heads, N, d,
-                     in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
-                     MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     BIAS: tl.constexpr, MASK: tl.constexpr, COSINE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
+                      dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dpad_ptr, dt_ptr, scale,
+                      n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
+                      in_stride, in_head, k_off, v_off, out_stride, out_head,
+                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
     head = pid % heads
-    w = pid // heads
+    w_start = (pid // heads) * windows_per_program
+    w_end = tl.minimum(w_start + windows_per_program, n_windows)
+    idx = tl.arange(0, BLOCK)
+    ty = idx // MW
+    tx = idx % MW
+    valid = idx < N
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < d
     in_col = head * in_head
+    out_col = head * out_head
     t = _logit_multiplier(ls_ptr, head, COSINE)
-    dt_acc = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(0, N, BLOCK_M):
-        qi = m0 + tl.arange(0, BLOCK_M)
-        q_row, q_valid, q_real, q_ty, q_tx, q_fy, q_fx = _tokens(qi, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                 heads, N, MH, MW, MAP)
-        q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q)
-        qo, rq = _cos_operand(q, q_den, COSINE, DOT_PREC)
-        io_mask = q_real[:, None] & dmask[None, :]
-        do = tl.load(do_ptr + (q_row[:, None] * out_stride + head * out_head + dcol[None, :]), mask=io_mask, other=0.0)
-        lse = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf"))
-        # Sweep 1: the renormaliser sum_j exp(s - lse) and sum_j exp(s - lse) dp of every row.
-        rsum = tl.zeros([BLOCK_M], tl.float32)
-        esum = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            kj = n0 + tl.arange(0, BLOCK_N)
-            k_row, k_valid, k_real, k_ty, k_tx, k_fy, k_fx = _tokens(kj, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                     heads, N, MH, MW, MAP)
-            k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k)
-            ko, rk = _cos_operand(k, k_den, COSINE, DOT_PREC)
-            s, cos = _scores(qo, ko, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-                             qi, q_valid, q_ty, q_tx, q_fy, q_fx, kj, k_valid, k_ty, k_tx, k_fy, k_fx,
-                             MH, MW, BIAS, MASK, COSINE, DOT_PREC)
-            e = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), DOT_PREC)
-            rsum += tl.sum(e, axis=1)
-            esum += tl.sum(e * dp, axis=1)
-        rinv = 1.0 / tl.where(rsum > 0, rsum, 1.0)
-        dsum = esum * rinv  # D = rowsum(p * dp) with p = e / rsum
-        stat = (w * heads + head) * N + qi
-        tl.store(rsum_ptr + stat, rsum, mask=q_valid)
-        tl.store(dsum_ptr + stat, dsum, mask=q_valid)
-        # Sweep 2: ds = p (dp - D); dq, the bias and logit-scale terms.
-        g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            kj = n0 + tl.arange(0, BLOCK_N)
-            k_row, k_valid, k_real, k_ty, k_tx, k_fy, k_fx = _tokens(kj, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                     heads, N, MH, MW, MAP)
-            k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k)
-            ko, rk = _cos_operand(k, k_den, COSINE, DOT_PREC)
-            s, cos = _scores(qo, ko, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-                             qi, q_valid, q_ty, q_tx, q_fy, q_fx, kj, k_valid, k_ty, k_tx, k_fy, k_fx,
-                             MH, MW, BIAS, MASK, COSINE, DOT_PREC)
-            p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0) * rinv[:, None]
-            dp = _dot(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - dsum[:, None])
-            if COSINE:
-                g += _dot((ds * t * rk[None, :]).to(ko.dtype), ko, DOT_PREC)
-                dt_acc += tl.sum(ds * cos, axis=0)
-            else:
-                g += _dot(ds.to(k.dtype), k, DOT_PREC)
-            if BIAS != 0:
-                pair = q_valid[:, None] & k_valid[None, :]
-                tl.atomic_add((dbias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), ds, mask=pair)
-        if COSINE:
-            dq = _normalize_bwd(q, g, q_norm, q_den)
-        else:
-            dq = g * scale
-        tl.store(dq_ptr + (q_row[:, None] * in_stride + in_col + dcol[None, :]), dq.to(dq_ptr.dtype.element_ty),
-                 mask=io_mask)
-    if COSINE:
-        tl.atomic_add(dt_ptr + head, tl.sum(dt_acc, axis=0))
-
-
-@triton.jit
-def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bias_ptr, mask_ptr, ls_ptr, do_ptr, lse_ptr,
-                     dk_ptr, dv_ptr, dpad_ptr, rsum_ptr, dsum_ptr, scale,
-                     H, W, Hp, Wp, sh, sw, nWw, nW, n_mask, heads, N, d,
-                     in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
-                     MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     BIAS: tl.constexpr, MASK: tl.constexpr, COSINE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % heads
-    w = pid // heads
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
+    bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
+    tile = idx[:, None] * BLOCK + idx[None, :]
+    dbias_acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    dt_acc = tl.zeros([BLOCK], tl.float32)
+    dpq_acc = tl.zeros([BLOCK_D], tl.float32)
     dpk_acc = tl.zeros([BLOCK_D], tl.float32)
     dpv_acc = tl.zeros([BLOCK_D], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        kj = n0 + tl.arange(0, BLOCK_N)
-        k_row, k_valid, k_real, k_ty, k_tx, k_fy, k_fx = _tokens(kj, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                 heads, N, MH, MW, MAP)
-        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
-        v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_real, pad_ptr, HAS_PAD)
+    for w in range(w_start, w_end):
+        b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
+        row, real = _token_rows(w, b, wy, wx, head, ty, tx, idx, valid, H, W, shy, shx, heads, N, MH, MW, MAP)
+        # The tile read per window (an L1 hit), also with one kind: held across the loop it would take
+        # 32 registers per thread that the backward does not have.
+        bm = tl.load(bm_head + kind * (BLOCK * BLOCK) + tile)
+        q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+        k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+        v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+        io_mask = real[:, None] & dmask[None, :]
+        do = tl.load((do_ptr + (row * out_stride + out_col))[:, None] + dcol[None, :], mask=io_mask, other=0.0)
+        q_norm, q_den = _row_norm(q)
+        qo = _cos_operand(q, q_den, COSINE)
         k_norm, k_den = _row_norm(k)
-        ko, rk = _cos_operand(k, k_den, COSINE, DOT_PREC)
-        gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for m0 in range(0, N, BLOCK_M):
-            qi = m0 + tl.arange(0, BLOCK_M)
-            q_row, q_valid, q_real, q_ty, q_tx, q_fy, q_fx = _tokens(qi, w, head, H, W, Hp, Wp, sh, sw, nWw, nW,
-                                                                     heads, N, MH, MW, MAP)
-            q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_real, pad_ptr, HAS_PAD)
-            q_norm, q_den = _row_norm(q)
-            qo, rq = _cos_operand(q, q_den, COSINE, DOT_PREC)
-            io_mask = q_real[:, None] & dmask[None, :]
-            do = tl.load(do_ptr + (q_row[:, None] * out_stride + head * out_head + dcol[None, :]), mask=io_mask,
-                         other=0.0)
-            lse = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf"))
-            stat = (w * heads + head) * N + qi
-            rsum = tl.load(rsum_ptr + stat, mask=q_valid, other=1.0)
-            dsum = tl.load(dsum_ptr + stat, mask=q_valid, other=0.0)
-            rinv = 1.0 / tl.where(rsum > 0, rsum, 1.0)
-            s, cos = _scores(qo, ko, rq, rk, t, scale, bias_ptr, mask_ptr, head, w, n_mask, heads, N,
-                             qi, q_valid, q_ty, q_tx, q_fy, q_fx, kj, k_valid, k_ty, k_tx, k_fy, k_fx,
-                             MH, MW, BIAS, MASK, COSINE, DOT_PREC)
-            p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0) * rinv[:, None]
+        ko = _cos_operand(k, k_den, COSINE)
+        s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
+        # The forward's softmax, recomputed (padded tokens' query rows included: their gradient is 0
+        # through do = 0, or NaN where eager autograd's is).
+        m = tl.max(s2, axis=1)
+        e = tl.exp2(s2 - m[:, None])
+        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        # Each gradient made and stored as soon as its inputs exist, so that few 64 x 64 tiles live at
+        # once. The order is the one ptxas (Triton 3.6 and 3.8) compiles without spills: tensor cores,
+        # p rounded for the dv dot, then ds, dv; FMA dots, dv, then ds. Then dq and dk.
+        in_offs = row * in_stride + in_col
+        padded = (valid & ~real)[:, None]
+        if DOT_PREC == "ieee":  # FMA dots: dv first, p's last use before ds
+            dv = _dot(tl.trans(p), do, DOT_PREC)
             dp = _dot(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - dsum[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-            if COSINE:
-                gk += _dot(tl.trans((ds * t * rq[:, None]).to(qo.dtype)), qo, DOT_PREC)
-            else:
-                gk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
-        if COSINE:
-            dk = _normalize_bwd(k, gk, k_norm, k_den)
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         else:
-            dk = gk * scale
-        io_mask = k_real[:, None] & dmask[None, :]
-        offs = k_row[:, None] * in_stride + in_col + dcol[None, :]
-        tl.store(dk_ptr + (offs + k_off), dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
-        tl.store(dv_ptr + (offs + v_off), dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
+            p_op = p.to(do.dtype)
+            dp = _dot(do, tl.trans(v), DOT_PREC)
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            dv = _dot(tl.trans(p_op), do, DOT_PREC)
+        if HAS_BIAS:
+            dbias_acc += ds
+        tl.store((dv_ptr + (in_offs + v_off))[:, None] + dcol[None, :], dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
         if HAS_PAD:
-            padded = (k_valid & ~k_real)[:, None]
-            dpk_acc += tl.sum(tl.where(padded, dk, 0.0), axis=0)
             dpv_acc += tl.sum(tl.where(padded, dv, 0.0), axis=0)
+        ds_op = ds.to(qo.dtype)
+        if COSINE:
+            # g = ds @ normalize(k): the gradient of the normalised q rows is t * g, and
+            # sum_j ds_ij cos_ij = normalize(q)_i . g_i is the logit-scale gradient's row term (so no
+            # cos tile stays live through dp and ds).
+            g = _dot_split(ds, ds_op, ko, DOT_PREC)
+            qn = qo.to(tl.float32)
+            dt_acc += tl.sum(qn * g, axis=1)
+            dq = _normalize_bwd_y(qn, g * t, q_norm, q_den)
+        else:
+            dq = _dot(ds_op, k, DOT_PREC) * scale
+        tl.store((dq_ptr + in_offs)[:, None] + dcol[None, :], dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
+        if HAS_PAD:
+            dpq_acc += tl.sum(tl.where(padded, dq, 0.0), axis=0)
+        if COSINE:
+            dk = _normalize_bwd_y(ko.to(tl.float32), _dot(tl.trans(ds_op), qo, DOT_PREC) * t, k_norm, k_den)
+        else:
+            dk = _dot(tl.trans(ds_op), q, DOT_PREC) * scale
+        tl.store((dk_ptr + (in_offs + k_off))[:, None] + dcol[None, :], dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
+        if HAS_PAD:
+            dpk_acc += tl.sum(tl.where(padded, dk, 0.0), axis=0)
+    if HAS_BIAS:
+        pair = valid[:, None] & valid[None, :]
+        tl.atomic_add((dbias_ptr + head * N * N) + (idx[:, None] * N + idx[None, :]), dbias_acc, mask=pair,
+                      sem="relaxed")
+    if COSINE:
+        tl.atomic_add(dt_ptr + head, tl.sum(dt_acc, axis=0), sem="relaxed")
     if HAS_PAD:
-        tl.atomic_add(dpad_ptr + (in_col + k_off + dcol), dpk_acc, mask=dmask)
-        tl.atomic_add(dpad_ptr + (in_col + v_off + dcol), dpv_acc, mask=dmask)
+        tl.atomic_add(dpad_ptr + (in_col + dcol), dpq_acc, mask=dmask, sem="relaxed")
+        tl.atomic_add(dpad_ptr + (in_col + k_off + dcol), dpk_acc, mask=dmask, sem="relaxed")
+        tl.atomic_add(dpad_ptr + (in_col + v_off + dcol), dpv_acc, mask=dmask, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Larger windows: TILE x TILE blocks. Program id -> (window, head, block) with the block fastest.
+
+
+@triton.jit
+def _block_tokens(blk, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+                  MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(index, row, valid, real) of the tokens of block ``blk`` of window ``w``."""
+    i = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = i < N
+    row, real = _token_rows(w, b, wy, wx, head, i // MW, i % MW, i, valid, H, W, shy, shx, heads, N, MH, MW, MAP)
+    return i, row, valid, real
+
+
+@triton.jit
+def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, scale,
+                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
+                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
+                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                      COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    mb = pid % n_blocks
+    head = (pid // n_blocks) % heads
+    w = pid // (n_blocks * heads)
+    b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < d
+    in_col = head * in_head
+    t = _logit_multiplier(ls_ptr, head, COSINE)
+    bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
+    qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                               BLOCK_M)
+    q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
+    q_norm, q_den = _row_norm(q)
+    qo = _cos_operand(q, q_den, COSINE)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                                   BLOCK_N)
+        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        k_norm, k_den = _row_norm(k)
+        ko = _cos_operand(k, k_den, COSINE)
+        bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
+        cos = _dot(qo, tl.trans(ko), DOT_PREC)
+        s2 = _logits2(cos, t, scale, bm, COSINE)
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf, m_new finite)
+        e = tl.exp2(s2 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        acc = acc * alpha[:, None] + _dot(e.to(v.dtype), v, DOT_PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * _LN2
+    tl.store(out_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]),
+             out.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & dmask[None, :])
+    tl.store(lse_ptr + (q_row * lse_stride + head * lse_head), lse, mask=q_real)
+
+
+@triton.jit
+def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_ptr,
+                     dq_ptr, dbias_ptr, dt_ptr, rinv_ptr, dsum_ptr, scale,
+                     H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
+                     in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
+                     MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Per query block: the renormaliser and D of each row, then dq, the bias and logit-scale terms."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    mb = pid % n_blocks
+    head = (pid // n_blocks) % heads
+    w = pid // (n_blocks * heads)
+    b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < d
+    in_col = head * in_head
+    t = _logit_multiplier(ls_ptr, head, COSINE)
+    bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
+    qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                               BLOCK_M)
+    q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
+    q_norm, q_den = _row_norm(q)
+    qo = _cos_operand(q, q_den, COSINE)
+    io_mask = q_real[:, None] & dmask[None, :]
+    do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask, other=0.0)
+    # Padded tokens' (cropped) query rows: lse = +inf, p = 0.
+    lse2 = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf")) * _LOG2E
+    n_kb = tl.cdiv(N, BLOCK_N)
+    # Sweep 1: the renormaliser sum_j exp(s - lse) and sum_j exp(s - lse) dp of every row.
+    rsum = tl.zeros([BLOCK_M], tl.float32)
+    esum = tl.zeros([BLOCK_M], tl.float32)
+    for nb in range(0, n_kb):
+        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                                   BLOCK_N)
+        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        k_norm, k_den = _row_norm(k)
+        ko = _cos_operand(k, k_den, COSINE)
+        bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
+        cos = _dot(qo, tl.trans(ko), DOT_PREC)
+        s2 = _logits2(cos, t, scale, bm, COSINE)
+        e = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT_PREC)
+        rsum += tl.sum(e, axis=1)
+        esum += tl.sum(e * dp, axis=1)
+    rinv = 1.0 / tl.where(rsum > 0, rsum, 1.0)  # padded tokens' rows: e = 0, p = 0
+    dsum = esum * rinv  # D = rowsum(p * dp) with p = e / rsum
+    stat = (tl.cast(w, tl.int64) * heads + head) * NT + qi
+    tl.store(rinv_ptr + stat, rinv)
+    tl.store(dsum_ptr + stat, dsum)
+    # Sweep 2: ds = p (dp - D); dq, the bias and logit-scale terms.
+    g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for nb in range(0, n_kb):
+        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                                   BLOCK_N)
+        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        k_norm, k_den = _row_norm(k)
+        ko = _cos_operand(k, k_den, COSINE)
+        bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
+        s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
+        p = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
+        dp = _dot(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - dsum[:, None])
+        if COSINE:
+            g += _dot_split(ds, ds.to(ko.dtype), ko, DOT_PREC)
+        else:
+            g += _dot(ds.to(ko.dtype), ko, DOT_PREC)
+        if HAS_BIAS:
+            pair = q_valid[:, None] & k_valid[None, :]
+            tl.atomic_add((dbias_ptr + head * N * N) + (qi[:, None] * N + kj[None, :]), ds, mask=pair,
+                          sem="relaxed")
+    if COSINE:
+        # g = ds @ normalize(k) over the key blocks: the logit-scale gradient's rows are
+        # normalize(q)_i . g_i (no cos tile kept through the sweep).
+        qn = qo.to(tl.float32)
+        tl.atomic_add(dt_ptr + head, tl.sum(tl.sum(qn * g, axis=1), axis=0), sem="relaxed")
+        dq = _normalize_bwd_y(qn, g * t, q_norm, q_den)
+    else:
+        dq = g * scale
+    tl.store(dq_ptr + (q_row[:, None] * in_stride + (in_col + dcol)[None, :]), dq.to(dq_ptr.dtype.element_ty),
+             mask=io_mask)
+
+
+@triton.jit
+def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_ptr,
+                     dk_ptr, dv_ptr, dpad_ptr, rinv_ptr, dsum_ptr, scale,
+                     H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
+                     in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
+                     MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                     COSINE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Per key block: dk and dv over the query blocks (FA2's column pass), from the rows' statistics."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    nb = pid % n_blocks
+    head = (pid // n_blocks) % heads
+    w = pid // (n_blocks * heads)
+    b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < d
+    in_col = head * in_head
+    t = _logit_multiplier(ls_ptr, head, COSINE)
+    bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
+    kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                               BLOCK_N)
+    k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+    v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+    k_norm, k_den = _row_norm(k)
+    ko = _cos_operand(k, k_den, COSINE)
+    gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for mb in range(0, tl.cdiv(N, BLOCK_M)):
+        qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
+                                                   BLOCK_M)
+        q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
+        q_norm, q_den = _row_norm(q)
+        qo = _cos_operand(q, q_den, COSINE)
+        io_mask = q_real[:, None] & dmask[None, :]
+        do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask,
+                     other=0.0)
+        lse2 = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf")) * _LOG2E
+        stat = (tl.cast(w, tl.int64) * heads + head) * NT + qi
+        rinv = tl.load(rinv_ptr + stat)
+        dsum = tl.load(dsum_ptr + stat)
+        bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
+        cos = _dot(qo, tl.trans(ko), DOT_PREC)
+        s2 = _logits2(cos, t, scale, bm, COSINE)
+        p = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
+        dp = _dot(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - dsum[:, None])
+        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        gk += _dot(tl.trans(ds.to(qo.dtype)), qo, DOT_PREC)
+    if COSINE:
+        dk = _normalize_bwd_y(ko.to(tl.float32), gk * t, k_norm, k_den)
+    else:
+        dk = gk * scale
+    io_mask = k_real[:, None] & dmask[None, :]
+    offs = k_row[:, None] * in_stride + (in_col + dcol)[None, :]
+    tl.store(dk_ptr + (offs + k_off), dk.to(dk_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(dv_ptr + (offs + v_off), dv.to(dv_ptr.dtype.element_ty), mask=io_mask)
+    if HAS_PAD:
+        padded = (k_valid & ~k_real)[:, None]
+        tl.atomic_add(dpad_ptr + (in_col + k_off + dcol), tl.sum(tl.where(padded, dk, 0.0), axis=0), mask=dmask,
+                      sem="relaxed")
+        tl.atomic_add(dpad_ptr + (in_col + v_off + dcol), tl.sum(tl.where(padded, dv, 0.0), axis=0), mask=dmask,
+                      sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,39 +705,53 @@ def _check(name: str, *tensors: Optional[torch.Tensor]) -> None:
             raise TypeError(f"{name}: the Triton backend supports float32/float16/bfloat16, got {t.dtype}")
 
 
-def _blocks(n: int, d: int) -> dict:
-    """Tile sizes, warps and stages for windows of ``n`` tokens and head dim ``d``."""
-    np2 = max(16, triton.next_power_of_2(n))
-    block_d = max(16, triton.next_power_of_2(d))
-    fused = np2 <= FUSED_MAX
-    tile = np2 if fused else TILE
-    # 8 warps for 64 x 64 tiles. ptxas for sm_90 (Triton 3.8, compiled without a GPU; see the commit note):
-    # 64 x 64 tiles with d = 32 take 255 registers at 8 warps: the forward spills 8-370 bytes (848 at
-    # 4 warps), the fused backward ~300 (fp16 v1) to ~1550 (fp32 v2) (16 warps cap registers at 128 and
-    # spill more); d = 128 and fp32 (IEEE FMA dots) spill more. Shared memory stays <= 160 KB (fp32,
-    # d = 128). Not timed on a GPU.
-    # No software pipelining (num_stages=1): the loops are short (one iteration for one-tile windows)
-    # and the gathered row loads would only take shared memory away from the dots.
-    warps = 4 if tile <= 32 else 8  # small windows (<= 32 tokens): 4 warps are plenty
-    return dict(fused=fused, np2=np2, tile=tile, block_d=block_d, fwd_warps=warps, bwd_warps=warps, num_stages=1)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and triton_interpreted():
         return "upcast"  # see _dot
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp16/bf16 dots are exact-product fp32-accumulate
+    if dtype != torch.float32:
+        return "tf32"  # unused for 16-bit operands (exact products, fp32 accumulation)
+    # PyTorch's switch for float32 matmuls (allow_tf32 sets the precision to "high").
+    allow = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow else "ieee"
+
+
+def _tiled_blocks(d: int, prec: str) -> dict:
+    """Blocks and warps of the tiled (large-window) kernels, chosen so that ptxas keeps every tile in
+    registers on sm_90 (compiled offline; no spills at head dims 32, 64 and 128, v1 and v2, forward and
+    backward, bf16/fp16, TF32 and IEEE fp32). Tensor-core dots: 64 x 64 blocks on one warpgroup up to
+    d = 32, 32 x 32 (TF32 at d = 128: 32 x 16) on 8 warps beyond. IEEE fp32 dots run on the FMA units
+    with both operands in registers: 64 x 32 on 8 warps up to d = 32, 16 x 16 on 4 warps beyond."""
+    block_d = max(16, triton.next_power_of_2(d))
+    # Under the interpreter registers do not matter and small blocks only multiply the (slow, Python)
+    # program count: the blocks of d <= 32, the same kernels, at any d.
+    small_d = block_d <= 32 or triton_interpreted()
+    if prec != "ieee":
+        if small_d:
+            bm, bn, warps = TILE, TILE, 4
+        else:  # TF32 operands take twice the registers of 16-bit ones
+            bm, bn, warps = TILE // 2, TILE // (4 if prec == "tf32" and block_d >= 128 else 2), 8
+    elif small_d:
+        bm, bn, warps = TILE, TILE // 2, 8
+    else:
+        bm, bn, warps = TILE // 4, TILE // 4, 4
+    return dict(BLOCK_M=max(16, bm), BLOCK_N=max(16, bn), BLOCK_D=block_d, num_warps=warps, num_stages=1)
 
 
 class _Geometry:
-    """Scalars shared by every kernel: map or windowed layout, window, shift and strides."""
+    """Scalars shared by the kernels: map or windowed layout, window, shift and strides."""
 
-    def __init__(self, *, map_layout: bool, H=1, W=1, Hp=1, Wp=1, sh=0, sw=0, nWw=1, nW=1, n_mask=1,
-                 heads: int, N: int, d: int, in_stride: int, in_head: int, k_off: int, v_off: int,
-                 out_stride: int, out_head: int, lse_stride: int, lse_head: int, MH: int = 1, MW: int = 1):
+    def __init__(self, *, map_layout: bool, H=1, W=1, Hp=1, Wp=1, sh=0, sw=0, nWw=1, nW=1, heads: int, N: int,
+                 d: int, in_stride: int, in_head: int, k_off: int, v_off: int, out_stride: int, out_head: int,
+                 lse_stride: int, lse_head: int, MH: int = 1, MW: int = 1, n_kinds: int = 1):
         self.map_layout = map_layout
-        self.scalars = (H, W, Hp, Wp, sh, sw, nWw, nW, n_mask, heads, N, d,
-                        in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head)
-        self.heads, self.N, self.d, self.MH, self.MW = heads, N, d, MH, MW
+        self.H, self.W, self.Hp, self.Wp, self.sh, self.sw = H, W, Hp, Wp, sh, sw
+        self.nW, self.nWw, self.heads, self.N, self.d, self.MH, self.MW = nW, nWw, heads, N, d, MH, MW
+        self.n_kinds = n_kinds
+        last_y = (Hp // MH - 1) if (map_layout and sh) else -1
+        last_x = (Wp // MW - 1) if (map_layout and sw) else -1
+        self.window_scalars = (H, W, nW, nWw, last_y, last_x, sh % H, sw % W, n_kinds, heads, N, d)
+        self.strides = (in_stride, in_head, k_off, v_off, out_stride, out_head)
+        self.lse_strides = (lse_stride, lse_head)
 
 
 def _map_geometry(qkv: torch.Tensor, num_heads: int, window, shift) -> _Geometry:
@@ -569,63 +763,114 @@ def _map_geometry(qkv: torch.Tensor, num_heads: int, window, shift) -> _Geometry
     nww = wp // mw
     return _Geometry(map_layout=True, H=h, W=w, Hp=hp, Wp=wp, sh=shift[0], sw=shift[1], nWw=nww,
                      nW=(hp // mh) * nww, heads=num_heads, N=mh * mw, d=d, in_stride=c3, in_head=d, k_off=c,
-                     v_off=2 * c, out_stride=c, out_head=d, lse_stride=num_heads, lse_head=1, MH=mh, MW=mw)
+                     v_off=2 * c, out_stride=c, out_head=d, lse_stride=num_heads, lse_head=1, MH=mh, MW=mw,
+                     n_kinds=4 if any(shift) else 1)
 
 
 def _windowed_geometry(q: torch.Tensor, mask: Optional[torch.Tensor]) -> _Geometry:
     bw, heads, n, d = q.shape
-    return _Geometry(map_layout=False, n_mask=1 if mask is None else mask.shape[0], heads=heads, N=n, d=d,
-                     in_stride=d, in_head=0, k_off=0, v_off=0, out_stride=d, out_head=0, lse_stride=1, lse_head=0)
+    return _Geometry(map_layout=False, heads=heads, N=n, d=d, in_stride=d, in_head=0, k_off=0, v_off=0,
+                     out_stride=d, out_head=0, lse_stride=1, lse_head=0, MW=1,
+                     n_kinds=1 if mask is None else mask.shape[0])
 
 
-def _flags(geo: _Geometry, bias: Optional[torch.Tensor], mask_kind: int, has_pad: bool, cosine: bool,
-           dtype: torch.dtype) -> dict:
-    bias_kind = _NONE if bias is None else (_TABLE if bias.dim() == 2 else _DENSE)
-    return dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=has_pad, BIAS=bias_kind, MASK=mask_kind,
-                COSINE=cosine, DOT_PREC=_dot_precision(dtype))
+def _one_tile(geo: _Geometry, prec: str, backward: bool) -> bool:
+    """Whether windows go through the one-tile kernels (else the tiled ones): at most FUSED_MAX padded
+    tokens, and a head dim whose [64, d] tiles the one-tile kernel keeps in registers on sm_90 without
+    spilling (compiled offline): tensor cores up to d = 128 forward and 64 backward (which holds dq, dk,
+    dv, p, dp, ds and the bias-gradient sum of 64 x 64 at once); IEEE fp32 (FMA dots) up to 32."""
+    block_d = max(16, triton.next_power_of_2(geo.d))
+    limit = 32 if prec == "ieee" else (64 if backward else 128)
+    return max(16, triton.next_power_of_2(geo.N)) <= FUSED_MAX and block_d <= limit
+
+
+def _padded_tokens(geo: _Geometry, one_tile: bool) -> int:
+    """Tokens of a window padded to the kernels' tile: a power of two >= 16 (tl.dot's minimum) for one
+    tile, a multiple of TILE for the tiled kernels."""
+    return max(16, triton.next_power_of_2(geo.N)) if one_tile else triton.cdiv(geo.N, TILE) * TILE
+
+
+def _bias_mask_table(geo: _Geometry, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], device,
+                     npad: int) -> torch.Tensor:
+    """bm (heads, kinds, npad, npad) fp32: (bias + mask of the window kind) * log2(e), -inf past N."""
+    bm = torch.empty(geo.heads, geo.n_kinds, npad, npad, dtype=torch.float32, device=device)
+    bias_kind = _BIAS_NONE if bias is None else (_BIAS_TABLE if bias.dim() == 2 else _BIAS_DENSE)
+    if mask is not None:
+        mask_kind = _MASK_DENSE
+    else:
+        mask_kind = _MASK_COORD if (geo.map_layout and (geo.sh or geo.sw)) else _MASK_NONE
+    block_i, block_j = min(npad, 16), min(npad, TILE)  # powers of two dividing npad
+    grid = (geo.heads * geo.n_kinds * (npad // block_i) * (npad // block_j),)
+    dummy = bm
+    # Cut of the last window row / column inside the window (no cut: beyond the window).
+    cut_y = geo.MH - geo.sh if geo.sh else geo.MH
+    cut_x = geo.MW - geo.sw if geo.sw else geo.MW
+    _bias_mask_kernel[grid](dummy if bias is None else bias, dummy if mask is None else mask, bm, geo.heads,
+                            geo.n_kinds, geo.N, cut_y, cut_x, MH=geo.MH, MW=geo.MW, BIAS=bias_kind, MASK=mask_kind,
+                            NP=npad, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4)
+    return bm
+
+
+def _windows_per_program(n_windows: int, heads: int, target: int) -> int:
+    return max(1, min(MAX_WINDOWS_PER_PROGRAM, (n_windows * heads) // max(1, target)))
 
 
 def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None else t
 
 
-def _forward(q, k, v, pad, bias, mask, logit_scale, out, lse, scale, geo: _Geometry, n_windows: int,
-             mask_kind: int):
-    cfg = _blocks(geo.N, geo.d)
-    flags = _flags(geo, bias, mask_kind, pad is not None, logit_scale is not None, q.dtype)
-    grid = (n_windows * geo.heads,)
-    _fwd_kernel[grid](q, k, v, _or(pad, q), _or(bias, q), _or(mask, q), _or(logit_scale, q), out, lse, float(scale),
-                      *geo.scalars, **flags, BLOCK_M=cfg["tile"], BLOCK_N=cfg["tile"], BLOCK_D=cfg["block_d"],
-                      ONE_BLOCK=cfg["fused"], num_warps=cfg["fwd_warps"], num_stages=cfg["num_stages"])
+def _forward(q, k, v, pad, bias, mask, logit_scale, out, lse, scale, geo: _Geometry, n_windows: int):
+    prec = _dot_precision(q.dtype)
+    one_tile = _one_tile(geo, prec, backward=False)
+    npad = _padded_tokens(geo, one_tile)
+    bm = _bias_mask_table(geo, bias, mask, q.device, npad)
+    cosine = logit_scale is not None
+    common = (_or(pad, q), bm, _or(logit_scale, q), out, lse, float(scale))
+    flags = dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=pad is not None, COSINE=cosine, DOT_PREC=prec)
+    if one_tile:
+        per_program = _windows_per_program(n_windows, geo.heads, FWD_PROGRAMS)
+        grid = (triton.cdiv(n_windows, per_program) * geo.heads,)
+        _fwd_kernel[grid](q, k, v, *common, n_windows, per_program, *geo.window_scalars, *geo.strides,
+                          *geo.lse_strides, **flags, ONE_KIND=geo.n_kinds == 1, BLOCK=npad,
+                          BLOCK_D=max(16, triton.next_power_of_2(geo.d)))
+    else:
+        cfg = _tiled_blocks(geo.d, prec)
+        grid = (n_windows * geo.heads * triton.cdiv(geo.N, cfg["BLOCK_M"]),)
+        _fwd_tiled_kernel[grid](q, k, v, *common, *geo.window_scalars, npad, *geo.strides, *geo.lse_strides,
+                                **flags, **cfg)
 
 
-def _backward(q, k, v, pad, bias, mask, logit_scale, do, lse, dq, dk, dv, scale, geo: _Geometry, n_windows: int,
-              mask_kind: int):
+def _backward(q, k, v, pad, bias, mask, logit_scale, do, lse, dq, dk, dv, scale, geo: _Geometry, n_windows: int):
     """Fills dq, dk, dv; returns (dbias (heads, N, N) fp32 or None, dpad fp32 or None, dt (heads,) fp32 or None)."""
-    cfg = _blocks(geo.N, geo.d)
-    flags = _flags(geo, bias, mask_kind, pad is not None, logit_scale is not None, q.dtype)
+    prec = _dot_precision(q.dtype)
+    one_tile = _one_tile(geo, prec, backward=True)
+    npad = _padded_tokens(geo, one_tile)
+    bm = _bias_mask_table(geo, bias, mask, q.device, npad)
     f32 = dict(dtype=torch.float32, device=q.device)
     dbias = torch.zeros(geo.heads, geo.N, geo.N, **f32) if bias is not None else None
     dpad = torch.zeros(pad.shape[0], **f32) if pad is not None else None
     dt = torch.zeros(geo.heads, **f32) if logit_scale is not None else None
     dummy = torch.zeros(1, **f32)
-    inputs = (q, k, v, _or(pad, q), _or(bias, q), _or(mask, q), _or(logit_scale, q), do, lse)
-    launch = dict(num_warps=cfg["bwd_warps"], num_stages=cfg["num_stages"])
-    if cfg["fused"]:
-        per_program = max(1, min(MAX_WINDOWS_PER_PROGRAM, (n_windows * geo.heads) // BWD_PROGRAMS))
+    inputs = (q, k, v, _or(pad, q), bm, _or(logit_scale, q), do)
+    cosine = logit_scale is not None
+    flags = dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=pad is not None, COSINE=cosine, DOT_PREC=prec)
+    if one_tile:
+        per_program = _windows_per_program(n_windows, geo.heads, BWD_PROGRAMS)
         grid = (triton.cdiv(n_windows, per_program) * geo.heads,)
         _bwd_fused_kernel[grid](*inputs, dq, dk, dv, _or(dbias, dummy), _or(dpad, dummy), _or(dt, dummy),
-                                float(scale), *geo.scalars, n_windows, per_program, **flags, BLOCK=cfg["tile"],
-                                BLOCK_D=cfg["block_d"], **launch)
+                                float(scale), n_windows, per_program, *geo.window_scalars, *geo.strides, **flags,
+                                HAS_BIAS=bias is not None, BLOCK=npad,
+                                BLOCK_D=max(16, triton.next_power_of_2(geo.d)))
     else:
-        rsum = torch.empty(n_windows * geo.heads * geo.N, **f32)
-        dsum = torch.empty_like(rsum)
-        grid = (n_windows * geo.heads,)
-        blocks = dict(BLOCK_M=cfg["tile"], BLOCK_N=cfg["tile"], BLOCK_D=cfg["block_d"])
-        _bwd_rows_kernel[grid](*inputs, dq, _or(dbias, dummy), _or(dt, dummy), rsum, dsum, float(scale),
-                               *geo.scalars, **flags, **blocks, **launch)
-        _bwd_cols_kernel[grid](*inputs, dk, dv, _or(dpad, dummy), rsum, dsum, float(scale), *geo.scalars, **flags,
-                               **blocks, **launch)
+        cfg = _tiled_blocks(geo.d, prec)
+        rinv = torch.empty(n_windows * geo.heads * npad, **f32)
+        dsum = torch.empty_like(rinv)
+        rest = (*geo.window_scalars, npad, *geo.strides, *geo.lse_strides)
+        grid = (n_windows * geo.heads * triton.cdiv(geo.N, cfg["BLOCK_M"]),)
+        _bwd_rows_kernel[grid](*inputs, lse, dq, _or(dbias, dummy), _or(dt, dummy), rinv, dsum, float(scale), *rest,
+                               **flags, HAS_BIAS=bias is not None, **cfg)
+        grid = (n_windows * geo.heads * triton.cdiv(geo.N, cfg["BLOCK_N"]),)
+        _bwd_cols_kernel[grid](*inputs, lse, dk, dv, _or(dpad, dummy), rinv, dsum, float(scale), *rest, **flags, **cfg)
     return dbias, dpad, dt
 
 
@@ -634,7 +879,9 @@ def _logit_scale_grad(dt: Optional[torch.Tensor], logit_scale: Optional[torch.Te
     if dt is None:
         return None
     ls = logit_scale.reshape(-1).float()
-    grad = dt * torch.exp(torch.clamp(ls, max=reference.LOGIT_SCALE_MAX)) * (ls <= reference.LOGIT_SCALE_MAX)
+    # where, not a product: above the clamp the gradient is 0 even when dt is NaN (clamp's backward).
+    grad = torch.where(ls <= reference.LOGIT_SCALE_MAX, dt * torch.exp(torch.clamp(ls, max=reference.LOGIT_SCALE_MAX)),
+                       0.0)
     return grad.reshape(logit_scale.shape).to(logit_scale.dtype)
 
 
@@ -649,10 +896,8 @@ def window_attention_forward(qkv: torch.Tensor, pad_qkv: Optional[torch.Tensor],
         return out, lse
     window, shift = tuple(window), tuple(shift)
     geo = _map_geometry(qkv, num_heads, window, shift)
-    hp, wp = reference.padded_size(h, w, window)
-    pad = pad_qkv if (hp, wp) != (h, w) else None
-    _forward(qkv, qkv, qkv, pad, rel_pos_bias, None, logit_scale, out, lse, scale, geo,
-             b * geo.scalars[7], _COORD if any(shift) else _NONE)
+    pad = pad_qkv if (geo.Hp, geo.Wp) != (h, w) else None
+    _forward(qkv, qkv, qkv, pad, rel_pos_bias, None, logit_scale, out, lse, scale, geo, b * geo.nW)
     return out, lse
 
 
@@ -661,7 +906,8 @@ def window_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: to
                               logit_scale: Optional[torch.Tensor], num_heads: int, window, shift, scale: float):
     """(dqkv (B, H, W, 3C), dpad_qkv or None, drel_pos_bias or None, dlogit_scale or None).
 
-    ``out`` is not read: ``rowsum(p * dp)`` is taken from the rebuilt p (see the module docstring).
+    ``out`` is not read: ``rowsum(p * dp)`` is taken from the rebuilt p (see the module docstring); ``lse``
+    only by the tiled kernels of windows beyond 64 tokens.
     """
     _check("window_attention_backward", grad_out, qkv, pad_qkv, rel_pos_bias, logit_scale)
     b, h, w, c3 = qkv.shape
@@ -671,11 +917,10 @@ def window_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: to
         return dqkv, zeros(pad_qkv), zeros(rel_pos_bias), zeros(logit_scale)
     window, shift = tuple(window), tuple(shift)
     geo = _map_geometry(qkv, num_heads, window, shift)
-    hp, wp = reference.padded_size(h, w, window)
-    pad = pad_qkv if (hp, wp) != (h, w) else None
+    pad = pad_qkv if (geo.Hp, geo.Wp) != (h, w) else None
     do = grad_out.to(qkv.dtype).contiguous()
     dbias, dpad, dt = _backward(qkv, qkv, qkv, pad, rel_pos_bias, None, logit_scale, do, lse.contiguous(),
-                                dqkv, dqkv, dqkv, scale, geo, b * geo.scalars[7], _COORD if any(shift) else _NONE)
+                                dqkv, dqkv, dqkv, scale, geo, b * geo.nW)
     if pad_qkv is not None:
         dpad = zeros(pad_qkv) if dpad is None else dpad.to(pad_qkv.dtype)
     if dbias is not None:
@@ -694,8 +939,7 @@ def windowed_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if q.numel() == 0:
         return out, lse
     geo = _windowed_geometry(q, mask)
-    _forward(q, k, v, None, bias, mask, logit_scale, out, lse, scale, geo, q.shape[0],
-             _NONE if mask is None else _DENSE)
+    _forward(q, k, v, None, bias, mask, logit_scale, out, lse, scale, geo, q.shape[0])
     return out, lse
 
 
@@ -711,7 +955,7 @@ def windowed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torc
     geo = _windowed_geometry(q, mask)
     do = grad_out.to(q.dtype).contiguous()
     dbias, _, dt = _backward(q, k, v, None, bias, mask, logit_scale, do, lse.contiguous(), dq, dk, dv, scale, geo,
-                             q.shape[0], _NONE if mask is None else _DENSE)
+                             q.shape[0])
     if dbias is not None:
         dbias = dbias.to(bias.dtype)
     return dq, dk, dv, dbias, _logit_scale_grad(dt, logit_scale)

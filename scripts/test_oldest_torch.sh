@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The oldest supported torch (2.6, with its Triton 3.2): a second virtualenv in .venv-oldest with that
+# pair from the registry, the extension built against it (CPU kernels; its CUDA 12.4 build does not
+# match this machine's nvcc 13), then the test suite (Triton through its CPU interpreter).
+# Extra arguments go to pytest.
+#   VLM_OLDEST_TORCH   pip spec of the oldest pair (default "torch==2.6.0 triton==3.2.0")
+#   PYTHON_OLDEST      its Python (default python3.10 where there is one: the extension's file name then
+#                      differs from the main venv's, so both builds live side by side in vlm_kernels/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON_OLDEST:-$(command -v python3.10 || command -v python3)}
+VENV=.venv-oldest
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.6.') else 1)" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  python -m pip install -q ${VLM_OLDEST_TORCH:-torch==2.6.0 triton==3.2.0}
+fi
+# The test dependencies (the peers that need a newer torch are left out: they skip).
+python -m pip install -q numpy pybind11 ninja pytest scipy matplotlib timm scikit-image tqdm hypothesis
+python -c "import torch, triton; print('oldest pair: torch', torch.__version__, 'triton', triton.__version__)"
+# An in-place build lands in vlm_kernels/ under the Python's own file name; when that is the main venv's
+# too, the main build is put aside and restored on exit.
+SO=$(python -c "import sysconfig; print('vlm_kernels/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+if [ -e "$SO" ] && [ ! -e "$SO.main" ]; then
+  mv "$SO" "$SO.main"
+  trap 'rm -f "$SO"; mv "$SO.main" "$SO"' EXIT
+fi
+mkdir -p build
+# build/oldest keeps these objects apart from the main build's (another torch).
+VLM_KERNELS_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} python setup.py -q build_ext --inplace --build-temp build/oldest >build/oldest.log 2>&1 \
+  || { tail -50 build/oldest.log; exit 1; }
+python -m vlm_kernels info
+export VLM_KERNELS_TEST_REQUIRE=${VLM_KERNELS_TEST_REQUIRE:-cpu,triton}
+python -m pytest tests -q -p no:cacheprovider "$@"
