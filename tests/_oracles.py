@@ -63,15 +63,10 @@ def _attn_mask(hp: int, wp: int, ws: Sequence[int], shift: Sequence[int], dtype)
 
 
 def eager_windowed_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                             scale: float, logit_scale: Optional[Tensor],
-                             query_valid: Optional[Tensor] = None) -> Tensor:
-    """timm's ``WindowAttention.forward`` after the qkv projection: (B*nW, heads, N, d) windows.
-
-    ``query_valid`` (B*nW, 1, N, 1) bool: padded query rows (contract: a padded token's query row is
-    never computed: its output is cropped, so its q and its row of logits take no part, not even as
-    0 * NaN in the backward)."""
-    if query_valid is not None:  # contract: padded queries are excluded
-        q = torch.where(query_valid, q, torch.zeros((), dtype=q.dtype))
+                             scale: float, logit_scale: Optional[Tensor]) -> Tensor:
+    """timm's ``WindowAttention.forward`` after the qkv projection: (B*nW, heads, N, d) windows. Padded
+    tokens' query rows are computed (and their outputs cropped later), as timm does: in the backward their
+    zero incoming gradient meets NaN/inf as 0 * NaN, and that is the contract too."""
     if logit_scale is None:
         attn = (q * scale) @ k.transpose(-2, -1)
     else:
@@ -83,8 +78,6 @@ def eager_windowed_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
         nw, n = mask.shape[0], attn.shape[-1]
         attn = attn.view(-1, nw, attn.shape[1], n, n) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, attn.shape[2], n, n)
-    if query_valid is not None:  # contract: padded queries are excluded
-        attn = torch.where(query_valid, attn, torch.zeros((), dtype=attn.dtype))
     attn = attn.softmax(dim=-1)
     return attn @ v
 
@@ -115,11 +108,7 @@ def eager_window_attention(qkv: Tensor, num_heads: int, window: Sequence[int], s
             bias = rel_pos_bias[index].view(n, n, -1).permute(2, 0, 1).contiguous()
         else:
             bias = rel_pos_bias
-    real = torch.zeros(1, hp, wp, 1, dtype=torch.bool)
-    real[:, :h, :w] = True
-    query_valid = _window_partition(real.to(torch.uint8), window).view(-1, 1, n, 1).bool().repeat(b, 1, 1, 1)
-    out = eager_windowed_attention(q, k, v, bias, _attn_mask(hp, wp, window, shift, qkv.dtype), scale, logit_scale,
-                                   None if (hp, wp) == (h, w) else query_valid)
+    out = eager_windowed_attention(q, k, v, bias, _attn_mask(hp, wp, window, shift, qkv.dtype), scale, logit_scale)
     out = out.transpose(1, 2).reshape(bw, n, c)
     out = _window_reverse(out.view(-1, window[0], window[1], c), window, hp, wp)[:, :h, :w, :]
     return torch.roll(out, shifts=tuple(shift), dims=(1, 2)) if any(shift) else out

@@ -208,32 +208,28 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
     ``dk = scale ds^T q``; v2: through the clamped logit scale and the normalisation.
 
     ``query_valid`` (B*nW, 1, N, 1) bool, from :func:`window_attention_backward`: False for padded query
-    rows, whose output is cropped. Their ``p`` and ``ds`` rows are exactly 0 (selected, not multiplied,
-    so a NaN in a padded token's query or logits reaches no gradient, not even as 0 * NaN); every other
-    NaN/inf flows as in autograd of the forward (the non-finite contract).
+    rows, whose output is cropped and whose ``lse`` the forward did not keep: it is recomputed here, so
+    that those rows take part exactly as in eager autograd of timm's math (their incoming gradient is 0,
+    and 0 * NaN is NaN: the non-finite contract). Every NaN/inf flows as in autograd of the forward.
     """
     acc = acc_dtype(q.dtype)
     q, k, v, do = (t.to(acc) for t in (q, k, v, grad_out))
     zero = torch.zeros((), dtype=acc, device=q.device)
-    if query_valid is not None:  # a padded query takes no part (dk = ds^T q would meet it as 0 * q)
-        q = torch.where(query_valid, q, zero)
     cast = (lambda t: None if t is None else t.to(acc))
     s = _logits(q, k, cast(bias), cast(mask), scale, cast(logit_scale))
+    if query_valid is not None:  # padded (cropped) query rows: their softmax as the forward computed it
+        lse = torch.where(query_valid.squeeze(-1), lse.to(acc), torch.logsumexp(s, -1))
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
     # lse is exact only to ~ulp(lse) (logits reach ~100 with v2's logit scale), which would scale whole
     # rows of p by 1 + 1e-5 in float32; renormalising keeps the reductions (dbias, dlogit_scale) as
     # accurate as autograd through softmax. A row whose lse is NaN/inf (its forward row was NaN) stays
     # NaN, as autograd through softmax gives.
     p = p / p.sum(-1, keepdim=True)
-    if query_valid is not None:
-        p = torch.where(query_valid, p, zero)
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)
     # rowsum(p * dp) equals rowsum(do * o) (what a fused kernel uses), but taken from the same p it
     # makes every row of ds sum to 0 to rounding, which the cancelling sums for dlogit_scale need.
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    if query_valid is not None:
-        ds = torch.where(query_valid, ds, zero)
     dbias = ds.sum(0) if bias is not None else None
     dlogit = None
     if logit_scale is None:
@@ -252,8 +248,6 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
         ds_cos = ds * t
         dq = _normalize_backward(q, ds_cos @ kn)
         dk = _normalize_backward(k, ds_cos.transpose(-2, -1) @ qn)
-    if query_valid is not None:  # not 0 * k: a padded query's gradient is exactly 0
-        dq = torch.where(query_valid, dq, zero)
     return dq, dk, dv, dbias, dlogit
 
 
@@ -319,8 +313,8 @@ def window_attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: T
         return torch.zeros_like(qkv), zeros(pad_qkv), zeros(rel_pos_bias), zeros(logit_scale)
     q, k, v, hp, wp = windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     acc = acc_dtype(qkv.dtype)
-    # Padded query rows: zero incoming gradient and lse = 0 (any finite value), and query_valid makes
-    # their p and ds rows exactly 0.
+    # Padded query rows: zero incoming gradient; their lse (not kept by the forward) is recomputed from
+    # query_valid, so that they take part as in eager autograd (a placeholder lse of 0 here).
     def as_windows(t: Tensor, fill: Optional[Tensor] = None) -> Tensor:
         t = window_partition(shift_and_pad(t, window, shift, fill), window)
         return t.view(q.shape[0], q.shape[2], num_heads, t.shape[-1] // num_heads).transpose(1, 2)
