@@ -187,6 +187,9 @@ void forward(const T* logits, T* out, const Shape& sh, uint64_t seed, double tau
     if (hard) {
       bool nan = false;
       const int64_t index = argmax_column(logits, seed, sh, base, nan);
+      // The row is NaN wherever the soft sample's is (eager's y_hard - sg(y_soft) + y_soft): a NaN, or a
+      // non-finite maximum (+inf: inf - inf; only -inf: -inf - -inf).
+      nan = nan || !std::isfinite(perturbed(logits, seed, base + index * sh.inner));
       for (int64_t k = 0; k < sh.K; ++k)
         out[base + k * sh.inner] = nan ? std::numeric_limits<A>::quiet_NaN() : static_cast<A>(k == index);
       return;
@@ -554,12 +557,18 @@ struct Indices {
 template <int V>
 using Masks = std::array<__mmask16, V>;
 
-// The winner of an argmax in every lane (a row broadcasts its single winner), and the NaN lanes.
+// The winner of an argmax in every lane (a row broadcasts its single winner), and the lanes whose soft
+// sample is NaN: a NaN, or a non-finite maximum (+inf, or only -inf), as eager's softmax gives.
 template <int V>
 struct Winner {
   Indices<V> index;
   Masks<V> nan;
 };
+
+inline __mmask16 infinite_lanes(__m512 x) {
+  return _mm512_cmp_ps_mask(x, splat(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) |
+         _mm512_cmp_ps_mask(x, splat(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+}
 
 // Software prefetch distances in steps: a step of the noise passes takes ~100 cycles or more, one of the
 // memory-bound passes a few, and a DRAM access some hundreds.
@@ -594,9 +603,11 @@ struct Row {
     if (_mm512_cmpneq_epi32_mask(nan_index[0], none))
       return {{_mm512_set1_epi32(_mm512_reduce_min_epi32(nan_index[0]))}, {__mmask16(0xFFFF)}};
     const float m = _mm512_reduce_max_ps(best[0]);
-    if (m == -std::numeric_limits<float>::infinity()) return {{_mm512_setzero_si512()}, {0}};  // all -inf: index 0
+    // all -inf: index 0; the soft row (and so the hard one) is NaN
+    if (m == -std::numeric_limits<float>::infinity()) return {{_mm512_setzero_si512()}, {__mmask16(0xFFFF)}};
     const __m512i candidates = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(best[0], splat(m), _CMP_EQ_OQ), index[0]);
-    return {{_mm512_set1_epi32(_mm512_reduce_min_epi32(candidates))}, {0}};
+    const __mmask16 nan_row = std::isinf(m) ? __mmask16(0xFFFF) : __mmask16(0);  // a +inf maximum: NaN soft row
+    return {{_mm512_set1_epi32(_mm512_reduce_min_epi32(candidates))}, {nan_row}};
   }
 };
 
@@ -628,13 +639,14 @@ struct Tile {
     const auto ahead = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(at(s + kAhead, v)) * sizeof(T);
     _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);  // never faults, even past the end
   }
-  Winner<V> finish(const Vecs<V>&, Indices<V> index, const Indices<V>& nan_index) const {
+  Winner<V> finish(const Vecs<V>& best, Indices<V> index, const Indices<V>& nan_index) const {
     const __m512i none = _mm512_set1_epi32(kNoIndex);
     Winner<V> w;
     for (int v = 0; v < V; ++v) {
       index[v] = _mm512_mask_mov_epi32(index[v], _mm512_cmpeq_epi32_mask(index[v], none), _mm512_setzero_si512());
       w.nan[v] = _mm512_cmpneq_epi32_mask(nan_index[v], none);
       w.index[v] = _mm512_mask_mov_epi32(index[v], w.nan[v], nan_index[v]);
+      w.nan[v] |= infinite_lanes(best[v]);  // +inf, or only -inf (best stays -inf)
     }
     return w;
   }
