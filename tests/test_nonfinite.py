@@ -27,7 +27,8 @@ from vlm_kernels.reference.philox import gumbel_noise
 
 from _oracles import (eager_gumbel_argmax, eager_gumbel_softmax, eager_kl_uniform, eager_vq_nearest,
                       eager_vq_quantize, eager_window_attention)
-from _robust import TARGETS, assert_matches, mark_known_violation, require_target, skip_unless_implemented
+from _robust import (TARGETS, assert_matches, ci_budget_skip, mark_known_violation, require_target,
+                     skip_unless_implemented)
 
 NAN, INF = math.nan, math.inf
 
@@ -128,6 +129,7 @@ def test_window_attention(request, target, case, dtype):
     _, version, mutate, exact_kind = next(c for c in WA_CASES if c[0] == case)
     inputs = _wa_inputs(version, dtype)
     skip_unless_implemented(wa_ops.TABLE, "forward", backend, device, inputs["qkv"])
+    ci_budget_skip(backend, dtype)
     mark_known_violation(request, KNOWN, "window_attention", case, backend)
     with torch.no_grad():
         mutate(inputs)
@@ -216,6 +218,7 @@ def _g_prepare(request, target, case, dtype, op, entry):
     _, mutate, _ = next(c for c in G_CASES if c[0] == case)
     inputs = _g_inputs(dtype)
     skip_unless_implemented(gumbel_ops.TABLE, entry, backend, device, inputs["logits"])
+    ci_budget_skip(backend, dtype)
     mark_known_violation(request, KNOWN, op, case, backend)
     mutate(inputs)
     return backend, device, inputs
@@ -302,6 +305,7 @@ def test_vq_nearest(request, target, case, dtype, metric):
     backend, device = target
     t = _vq_inputs(dtype, case)
     skip_unless_implemented(vq_ops.TABLE, "nearest", backend, device, t["x"])
+    ci_budget_skip(backend, dtype)
     mark_known_violation(request, KNOWN, "vq_nearest", case, backend)
     expect_index, expect_distance = eager_vq_nearest(t["x"], t["e"], metric)
     with vk.use_backend(backend):
@@ -316,6 +320,7 @@ def test_vq_quantize(request, target, case, dtype):
     backend, device = target
     t = _vq_inputs(dtype, case)
     skip_unless_implemented(vq_ops.TABLE, "nearest", backend, device, t["x"])
+    ci_budget_skip(backend, dtype)
     mark_known_violation(request, KNOWN, "vq_quantize", case, backend)
     x, e = _leaf(t["x"], "cpu", _acc(dtype)), _leaf(t["e"], "cpu", _acc(dtype))
     eq, eindex, eloss = eager_vq_quantize(x, e, beta=0.25, codebook_weight=0.5)
@@ -339,6 +344,7 @@ def test_vq_code_stats(request, target, case, dtype):
     backend, device = target
     t = _vq_inputs(dtype, case)
     skip_unless_implemented(vq_ops.TABLE, "code_stats", backend, device, t["x"])
+    ci_budget_skip(backend, dtype)
     mark_known_violation(request, KNOWN, "vq_code_stats", case, backend)
     index = torch.arange(37) % 11
     expect_sums = torch.zeros(11, 5, dtype=torch.float64).index_add_(0, index, t["x"].double())

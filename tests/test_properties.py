@@ -43,7 +43,11 @@ DTYPES = {"reference": (torch.float32, torch.float64, torch.float16, torch.bfloa
 
 
 def _examples(backend: str, cheap: int) -> int:
-    return max(3, cheap // 4) if backend == "triton" else cheap  # the interpreter is slow
+    """Examples per test in the CI budget (VLM_KERNELS_ROBUST=long: 25 x ``cheap``): the interpreted
+    Triton backend takes seconds per example, so it gets one or two in CI."""
+    if HYPOTHESIS_MODE == "long":
+        return cheap
+    return max(1, cheap // 20) if backend == "triton" else max(3, cheap // 3)
 
 
 def _skip_unless_runs(backend: str) -> None:
@@ -395,19 +399,13 @@ _COSINE_HUGE = ("cpu: cosine attention (v2) with head_dim 1 and |q| = 1e30 in fl
                 "norm taken as sqrt(q^2) = inf) while eager's F.normalize of a one-element vector is exact (q / |q| = 1); "
                 "fix pending in csrc/cpu/window_attention.cpp: normalise without squaring huge values (scale by "
                 "max |q_i| first; torch's one-element norm is |q|)")
-_COSINE_HUGE_TRITON = ("triton: a finite q whose squared norm overflows float32 (|q| > 1.8e19) gives NaN outputs in "
-                       "cosine attention (v2), where eager gives a finite row (F.normalize: q / inf = 0); fix pending "
-                       "in vlm_kernels/triton/window_attention.py: normalise as F.normalize, x / max(|x|, eps), never "
-                       "inf * 0")
-
 
 def _cosine_huge_params():
     for d in (1, 2, 4):
         yield pytest.param("reference", d, id=f"reference-d{d}")
         yield pytest.param("cpu", d, id=f"cpu-d{d}", marks=[pytest.mark.xfail(strict=True, reason=_COSINE_HUGE)]
                            if d == 1 else [])
-        yield pytest.param("triton", d, id=f"triton-d{d}",
-                           marks=pytest.mark.xfail(strict=True, reason=_COSINE_HUGE_TRITON))
+        yield pytest.param("triton", d, id=f"triton-d{d}")
 
 
 @pytest.mark.parametrize("backend,head_dim", list(_cosine_huge_params()))
