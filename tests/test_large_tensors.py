@@ -73,7 +73,8 @@ def _expected_row_argmax(row: int) -> tuple[int, int]:
     """(index with 64-bit offsets, index a signed 32-bit counter would give) for a row of zeros."""
     offsets = row * COLS + torch.arange(COLS, dtype=torch.int64)
     right = int(noise_at(offsets, SEED).argmax())
-    wrapped = offsets % 2 ** 32  # a 32-bit counter's overflow
+    # int32 overflow, sign-extended (the Philox counter then takes the 64-bit two's complement bits)
+    wrapped = torch.where(offsets >= 2 ** 31, offsets - 2 ** 32, offsets)
     return right, int(noise_at(wrapped, SEED).argmax())
 
 
