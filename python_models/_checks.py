@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -67,3 +68,56 @@ def check_count(model: str, name: str, n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"{model}: {name} must be a positive int, got {n!r}")
     return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# configurations
+
+
+def resolve_config(model: str, config_cls: type, config: object, kwargs: dict):
+    """``config`` (an instance of ``config_cls``) or the keyword arguments that build one, not both."""
+    if config is None:
+        return config_cls(**kwargs)
+    if not isinstance(config, config_cls):
+        raise TypeError(f"{model}: config must be a {config_cls.__name__} (or None with keyword arguments), "
+                        f"got {type(config).__name__}")
+    if kwargs:
+        raise TypeError(f"{model}: pass either config or keyword arguments, not both (got config and "
+                        f"{', '.join(sorted(kwargs))})")
+    return config
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int_field(cfg: str, name: str, value: object, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{cfg}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool_field(cfg: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{cfg}: {name} must be a bool, got {value!r}")
+    return value
+
+
+def check_float_field(cfg: str, name: str, value: object, *, low: float = 0.0, high: float = math.inf,
+                      low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number in [low, high] (open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{cfg}: {name} must be a number, got {value!r}")
+    bad = (not math.isfinite(value) or (value <= low if low_open else value < low)
+           or (value >= high if high_open else value > high))
+    if bad:
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{cfg}: {name} must be a finite number in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+def check_int_tuple_field(cfg: str, name: str, value: object, minimum: int = 1) -> tuple:
+    """A non-empty tuple (or list) of ints >= ``minimum``."""
+    if not isinstance(value, (tuple, list)) or not value or any(not _is_int(v) or v < minimum for v in value):
+        raise ValueError(f"{cfg}: {name} must be a non-empty tuple of ints >= {minimum}, got {value!r}")
+    return tuple(value)

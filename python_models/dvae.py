@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 import vlm_kernels
 
-from ._checks import check_images, check_tokens
+from ._checks import check_bool_field, check_float_field, check_images, check_tokens, resolve_config
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -246,7 +246,7 @@ class DiscreteVAE(nn.Module):
 
     def __init__(self, config: Optional[DVAEConfig] = None, **kwargs):
         super().__init__()
-        self.config = c = config if config is not None else DVAEConfig(**kwargs)
+        self.config = c = resolve_config(type(self).__name__, DVAEConfig, config, kwargs)
         self.encoder = DVAEEncoder(c)
         self.decoder = DVAEDecoder(c)
 
@@ -300,6 +300,8 @@ class DiscreteVAE(nn.Module):
         the signature of ``torch.nn.functional.gumbel_softmax(logits, tau, hard, dim=1)`` (to compare
         the two; ``seed`` then does not apply)."""
         self._check_images(x)
+        check_float_field("DiscreteVAE", "beta", beta)
+        check_bool_field("DiscreteVAE", "hard", hard)
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
             raise ValueError(f"DiscreteVAE: x must hold pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}], "

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_images, describe
+from ._checks import check_float_field, check_images, check_int_tuple_field, describe, resolve_config
 from .trocr import LineViT, check_token_ids
 from .vit import ViTConfig
 
@@ -73,7 +73,9 @@ class LLaVAConfig:
             raise ValueError(f"LLaVAConfig: projector must be 'linear' or 'mlp2x_gelu', got {self.projector!r}")
         if self.dim % self.heads:
             raise ValueError(f"LLaVAConfig: dim {self.dim} must be divisible by heads {self.heads}")
-        self.swin_depths = tuple(self.swin_depths)
+        self.swin_depths = check_int_tuple_field("LLaVAConfig", "swin_depths", self.swin_depths)
+        check_float_field("LLaVAConfig", "mlp_ratio", self.mlp_ratio, low_open=True)
+        check_float_field("LLaVAConfig", "dropout", self.dropout, high=1.0)
 
 
 def _vision_encoder(c: LLaVAConfig) -> tuple[nn.Module, int]:
@@ -109,7 +111,7 @@ class LLaVA(nn.Module):
 
     def __init__(self, config: Optional[LLaVAConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else LLaVAConfig(**kwargs)
+        config = resolve_config(type(self).__name__, LLaVAConfig, config, kwargs)
         self.config = c = config
         self.vision_tower, vision_out = _vision_encoder(c)
         if c.projector == "linear":
@@ -188,6 +190,9 @@ class LLaVA(nn.Module):
     def forward(self, images: Tensor, input_ids: Tensor) -> Tensor:
         image = self.image_embeddings(images)
         input_ids = check_token_ids("LLaVA", "input_ids", input_ids, self.config.vocab_size, batch=images.shape[0])
+        if image.shape[1] + input_ids.shape[1] > self.config.max_len:
+            raise ValueError(f"LLaVA: input_ids has {input_ids.shape[1]} tokens: with the {image.shape[1]} image "
+                             f"tokens they exceed max_len {self.config.max_len}, got {describe(input_ids)}")
         return self._decode(torch.cat([image, self.embed_tokens(input_ids)], dim=1))
 
     def loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from vlm_kernels.nn import SwinTransformerBlock, SwinTransformerV2Block
 
-from ._checks import check_images
+from ._checks import (check_bool_field, check_float_field, check_images, check_int_field, check_int_tuple_field,
+                      resolve_config)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -71,8 +72,16 @@ class SwinConfig:
 
     def __post_init__(self):
         self.img_size = _pair(self.img_size)
-        self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
-        self.pretrained_window_sizes = tuple(self.pretrained_window_sizes)
+        self.depths = check_int_tuple_field("SwinConfig", "depths", self.depths)
+        self.num_heads = check_int_tuple_field("SwinConfig", "num_heads", self.num_heads)
+        self.pretrained_window_sizes = check_int_tuple_field("SwinConfig", "pretrained_window_sizes",
+                                                             self.pretrained_window_sizes, minimum=0)
+        check_int_field("SwinConfig", "num_classes", self.num_classes, minimum=0)
+        check_float_field("SwinConfig", "mlp_ratio", self.mlp_ratio, low_open=True)
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            check_float_field("SwinConfig", name, getattr(self, name), high=1.0)
+        for name in ("qkv_bias", "strict_img_size"):
+            check_bool_field("SwinConfig", name, getattr(self, name))
         for name in ("patch_size", "in_chans", "embed_dim", "window_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -88,7 +97,7 @@ class SwinConfig:
             if (self.embed_dim * 2 ** i) % heads:
                 raise ValueError(f"SwinConfig: stage {i} width {self.embed_dim * 2 ** i} is not divisible by "
                                  f"num_heads[{i}] = {heads}")
-        if self.version not in (1, 2):
+        if isinstance(self.version, bool) or self.version not in (1, 2):
             raise ValueError(f"SwinConfig: version must be 1 or 2, got {self.version!r}")
         if self.version == 2 and len(self.pretrained_window_sizes) != len(self.depths):
             self.pretrained_window_sizes = (0,) * len(self.depths)
@@ -191,7 +200,7 @@ class SwinTransformer(nn.Module):
 
     def __init__(self, config: Optional[SwinConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else SwinConfig(**kwargs)
+        config = resolve_config(type(self).__name__, SwinConfig, config, kwargs)
         self.config = c = config
         n = len(c.depths)
         dims = [c.embed_dim * 2 ** i for i in range(n)]

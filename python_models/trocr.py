@@ -19,6 +19,7 @@ The tokenizer is character level (:class:`CharTokenizer`): pad, bos, eos, then o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_images, describe
+from ._checks import (check_float_field, check_images, check_int_tuple_field, describe,
+                      resolve_config)
 from .vit import ViT, ViTConfig
 
 PAD, BOS, EOS = 0, 1, 2
@@ -130,7 +132,9 @@ class TrOCRConfig:
                              f"patch_size {self.patch_size}")
         if self.dec_dim % self.dec_heads:
             raise ValueError(f"TrOCRConfig: dec_dim {self.dec_dim} must be divisible by dec_heads {self.dec_heads}")
-        self.swin_depths = tuple(self.swin_depths)
+        self.swin_depths = check_int_tuple_field("TrOCRConfig", "swin_depths", self.swin_depths)
+        check_float_field("TrOCRConfig", "dec_mlp_ratio", self.dec_mlp_ratio, low_open=True)
+        check_float_field("TrOCRConfig", "dropout", self.dropout, high=1.0)
 
 
 class LineViT(ViT):
@@ -165,7 +169,7 @@ class TrOCR(nn.Module):
 
     def __init__(self, config: Optional[TrOCRConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else TrOCRConfig(**kwargs)
+        config = resolve_config(type(self).__name__, TrOCRConfig, config, kwargs)
         self.config = c = config
         self.encoder, enc_out = _build_encoder(c)
         self.enc_proj = nn.Linear(enc_out, c.dec_dim)
@@ -251,6 +255,7 @@ class TrOCR(nn.Module):
         (sums, as greedy's; the choice among hypotheses uses ``score / ((5 + L) / 6) ** length_penalty``)."""
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size <= 0:
             raise ValueError(f"TrOCR: beam_size must be a positive int, got {beam_size!r}")
+        check_float_field("TrOCR", "length_penalty", length_penalty, low=-math.inf)
         max_len = self._max_len(max_len)
         memory = self.encode(images)
         rows, scores = [], []
@@ -299,6 +304,7 @@ class TrOCR(nn.Module):
     @torch.no_grad()
     def sequence_log_prob(self, images: Tensor, tokens: Tensor) -> Tensor:
         """(B,) sum of log p(tokens[t] | tokens[<t], image) over t >= 1 up to and including the first EOS."""
+        self._check_images(images)
         tokens = check_token_ids("TrOCR", "tokens", tokens, self.config.vocab_size, batch=images.shape[0])
         logp = self.decode(self.encode(images), tokens[:, :-1]).float().log_softmax(-1)
         picked = logp.gather(-1, tokens[:, 1:, None])[..., 0]

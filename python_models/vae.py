@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_count, check_images, check_latents
+from ._checks import (check_bool_field, check_count, check_float_field, check_images, check_int_field, check_latents,
+                      resolve_config)
 
 
 @dataclass
@@ -39,15 +40,19 @@ class VAEConfig:
     decoder_logvar: Union[str, float] = "learned"  # "learned" (per channel) or a fixed log-variance
 
     def __post_init__(self):
-        self.hidden = tuple(self.hidden)
-        if not self.hidden or any(not isinstance(h, int) or h <= 0 for h in self.hidden):
+        for name in ("img_size", "in_chans", "latent_dim"):
+            check_int_field("VAEConfig", name, getattr(self, name))
+        self.hidden = tuple(self.hidden) if isinstance(self.hidden, (tuple, list)) else self.hidden
+        if (not isinstance(self.hidden, tuple) or not self.hidden
+                or any(not isinstance(h, int) or h <= 0 for h in self.hidden)):
             raise ValueError(f"VAEConfig: hidden must be a non-empty tuple of positive ints, got {self.hidden!r}")
         factor = 2 ** len(self.hidden)
         if self.img_size % factor:
             raise ValueError(f"VAEConfig: img_size {self.img_size} must be a multiple of 2**len(hidden) = {factor}")
-        if not self.beta >= 0:
-            raise ValueError(f"VAEConfig: beta must be >= 0, got {self.beta}")
-        if self.decoder_logvar != "learned" and not isinstance(self.decoder_logvar, (int, float)):
+        check_float_field("VAEConfig", "beta", self.beta)
+        if self.decoder_logvar != "learned" and (isinstance(self.decoder_logvar, bool)
+                                                 or not isinstance(self.decoder_logvar, (int, float))
+                                                 or not math.isfinite(self.decoder_logvar)):
             raise ValueError(f"VAEConfig: decoder_logvar must be 'learned' or a float, got {self.decoder_logvar!r}")
 
 
@@ -62,7 +67,7 @@ class VAE(nn.Module):
 
     def __init__(self, config: Optional[VAEConfig] = None, **kwargs):
         super().__init__()
-        self.config = c = config if config is not None else VAEConfig(**kwargs)
+        self.config = c = resolve_config(type(self).__name__, VAEConfig, config, kwargs)
         self.grid = c.img_size // 2 ** len(c.hidden)
         chans = (c.in_chans,) + c.hidden
         down = []
@@ -130,6 +135,9 @@ class VAE(nn.Module):
     def sample(self, n: int, *, mean: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
         """Draw ``n`` images from the prior: z ~ N(0, I), then the decoder mean (or a draw of p(x|z))."""
         check_count("VAE.sample", "n", n)
+        check_bool_field("VAE.sample", "mean", mean)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"VAE.sample: generator must be a torch.Generator or None, got {generator!r}")
         device = self.from_latent.weight.device
         z = torch.randn(n, self.config.latent_dim, device=device, generator=generator)
         x = self.decode(z)

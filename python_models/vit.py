@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from vlm_kernels.nn import Mlp
 
-from ._checks import check_images
+from ._checks import (check_bool_field, check_float_field, check_images, check_int_field,
+                      resolve_config)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class ViTConfig:
         if self.pos_interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"ViTConfig: pos_interpolation must be 'bicubic' or 'bilinear', "
                              f"got {self.pos_interpolation!r}")
+        check_float_field("ViTConfig", "mlp_ratio", self.mlp_ratio, low_open=True)
+        check_int_field("ViTConfig", "num_classes", self.num_classes, minimum=0)
+        for name in ("qkv_bias", "dynamic_img_size"):
+            check_bool_field("ViTConfig", name, getattr(self, name))
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
@@ -130,7 +135,7 @@ class ViT(nn.Module):
 
     def __init__(self, config: Optional[ViTConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else ViTConfig(**kwargs)
+        config = resolve_config(type(self).__name__, ViTConfig, config, kwargs)
         self.config = c = config
         self.grid = (c.img_size // c.patch_size, c.img_size // c.patch_size)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from vlm_kernels.nn import VectorQuantizer
 
-from ._checks import check_images, check_tokens
+from ._checks import (check_bool_field, check_float_field, check_images, check_int_field, check_tokens, describe,
+                      resolve_config)
 
 
 @dataclass
@@ -51,6 +52,15 @@ class VQVAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VQVAEConfig: {name} must be a positive int, got {value!r}")
+        check_int_field("VQVAEConfig", "num_res_blocks", self.num_res_blocks, minimum=0)
+        check_int_field("VQVAEConfig", "kmeans_iters", self.kmeans_iters)
+        check_float_field("VQVAEConfig", "commitment_weight", self.commitment_weight)
+        check_float_field("VQVAEConfig", "threshold_ema_dead_code", self.threshold_ema_dead_code)
+        if self.decay is not None:
+            check_float_field("VQVAEConfig", "decay", self.decay, high=1.0, high_open=True)
+        if self.threshold_ema_dead_code > 0 and self.decay is None:
+            raise ValueError("VQVAEConfig: threshold_ema_dead_code needs an EMA codebook (a float decay)")
+        check_bool_field("VQVAEConfig", "kmeans_init", self.kmeans_init)
 
 
 class ResBlock(nn.Module):
@@ -101,7 +111,7 @@ class VQVAE(nn.Module):
 
     def __init__(self, config: Optional[VQVAEConfig] = None, **kwargs):
         super().__init__()
-        self.config = c = config if config is not None else VQVAEConfig(**kwargs)
+        self.config = c = resolve_config(type(self).__name__, VQVAEConfig, config, kwargs)
         self.encoder = _encoder(c)
         self.quantizer = VectorQuantizer(c.code_dim, c.codebook_size, decay=c.decay,
                                          commitment_weight=c.commitment_weight,
@@ -128,6 +138,13 @@ class VQVAE(nn.Module):
         return self.encode(x)[1]
 
     def decode(self, z_q: Tensor) -> Tensor:
+        """(B, code_dim, h, w) quantised codes -> (B, C, H, W) images."""
+        d = self.config.code_dim
+        if not isinstance(z_q, Tensor) or not z_q.is_floating_point():
+            got = describe(z_q) if isinstance(z_q, Tensor) else type(z_q).__name__
+            raise TypeError(f"VQVAE: z_q must be a floating-point (B, {d}, h, w) tensor, got {got}")
+        if z_q.dim() != 4 or z_q.shape[1] != d or z_q.shape[0] == 0:
+            raise ValueError(f"VQVAE: z_q must have shape (B > 0, {d}, h, w), got {describe(z_q)}")
         return self.decoder(z_q)
 
     def decode_tokens(self, tokens: Tensor) -> Tensor:

@@ -48,12 +48,19 @@ def _check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force every vlm_kernels op called inside the block to use backend ``name`` (None: automatic)."""
-    token = _forced.set(None if name is None else _check_name(name))
-    try:
+    """Force every vlm_kernels op called inside the block to use backend ``name`` (None: automatic).
+
+    The choice is a ContextVar: it holds for the calling thread (and asyncio task) only; threads started
+    inside the block do not inherit it (before Python 3.14's thread_inherit_context), and
+    ``VLM_KERNELS_BACKEND`` is the process-wide default outside any block.
+    """
+    value = None if name is None else _check_name(name)
+    previous = _forced.get()
+    try:  # the set inside the try: a KeyboardInterrupt right after it still restores the previous choice
+        _forced.set(value)
         yield
     finally:
-        _forced.reset(token)
+        _forced.set(previous)
 
 
 def forced_backend() -> Optional[str]:

@@ -204,6 +204,9 @@ void forward(const T* logits, T* out, const Shape& sh, uint64_t seed, double tau
     if (hard) {
       bool nan = false;
       const int64_t index = argmax_column(logits, seed, sh, base, nan);
+      // The row is NaN wherever the soft sample's is (eager's y_hard - sg(y_soft) + y_soft): a NaN, or a
+      // non-finite maximum (+inf: inf - inf; only -inf: -inf - -inf).
+      nan = nan || !std::isfinite(perturbed(logits, seed, base + index * sh.inner));
       for (int64_t k = 0; k < sh.K; ++k)
         out[base + k * sh.inner] = nan ? std::numeric_limits<A>::quiet_NaN() : static_cast<A>(k == index);
       return;
@@ -755,12 +758,22 @@ struct Indices {
 template <int V>
 using Masks = std::array<M, V>;
 
-// The winner of an argmax in every lane (a row broadcasts its single winner), and the NaN lanes.
+// The winner of an argmax in every lane (a row broadcasts its single winner), and the lanes whose soft
+// sample is NaN: a NaN, or a non-finite maximum (+inf, or only -inf), as eager's softmax gives.
 template <int V>
 struct Winner {
   Indices<V> index;
   Masks<V> nan;
 };
+
+inline M infinite_lanes(F x) {
+  return eq(x, splat(std::numeric_limits<float>::infinity())) | eq(x, splat(-std::numeric_limits<float>::infinity()));
+}
+
+inline __mmask16 infinite_lanes(__m512 x) {
+  return _mm512_cmp_ps_mask(x, splat(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) |
+         _mm512_cmp_ps_mask(x, splat(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+}
 
 // Software prefetch distances in steps: a step of the noise passes takes ~100 cycles or more, one of the
 // memory-bound passes a few, and a DRAM access some hundreds.
@@ -794,9 +807,11 @@ struct Row {
     const int32_t first_nan = reduce_min_i(nan_index[0]);
     if (first_nan != kNoIndex) return {{{splat_i(first_nan)}}, {valid(Full{})}};
     const float m = reduce_max(best[0]);
-    if (m == -std::numeric_limits<float>::infinity()) return {{{splat_i(0)}}, {M{}}};  // all -inf: index 0, as torch.argmax
+    // all -inf: index 0, as torch.argmax; the soft row (and so the hard one) is NaN
+    if (m == -std::numeric_limits<float>::infinity()) return {{{splat_i(0)}}, {valid(Full{})}};
     const I candidates = select(eq(best[0], splat(m)), index[0], splat_i(kNoIndex));
-    return {{{splat_i(reduce_min_i(candidates))}}, {M{}}};
+    const M nan_row = std::isinf(m) ? valid(Full{}) : M{};  // a +inf maximum: NaN soft row
+    return {{{splat_i(reduce_min_i(candidates))}}, {nan_row}};
   }
 };
 
@@ -831,13 +846,14 @@ struct Tile {
     const auto ahead = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(at(s + kAhead, v)) * sizeof(T);
     _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);  // never faults, even past the end
   }
-  Winner<V> finish(const Vecs<V>&, Indices<V> index, const Indices<V>& nan_index) const {
+  Winner<V> finish(const Vecs<V>& best, Indices<V> index, const Indices<V>& nan_index) const {
     const I none = splat_i(kNoIndex);
     Winner<V> w;
     for (int v = 0; v < V; ++v) {
       index[v] = select(eq_i(index[v], none), splat_i(0), index[v]);
       w.nan[v] = lt_i(nan_index[v], none);
       w.index[v] = select(w.nan[v], nan_index[v], index[v]);
+      w.nan[v] = w.nan[v] | infinite_lanes(best[v]);  // +inf, or only -inf (best stays -inf)
     }
     return w;
   }

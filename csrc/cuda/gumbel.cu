@@ -550,13 +550,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     best = group_reduce(best, L, s, Each<ArgMaxOp>{});
     if (!s.valid) continue;  // after the last reduction of this block index: no barrier below
     if (ONE_HOT) {
-      // The winner is NaN iff its group holds one: then the whole group is NaN.
+      // The whole group is NaN wherever its soft sample is (eager's y_hard - sg(y_soft) + y_soft): the
+      // winner is NaN (the group holds one), +inf (inf - inf) or -inf (only -inf: -inf - -inf).
       const float nan = __int_as_float(0x7fc00000);
       float one[S], zero[S];
 #pragma unroll
       for (int j = 0; j < S; ++j) {
-        one[j] = isnan(best.v[j].v) ? nan : 1.f;
-        zero[j] = isnan(best.v[j].v) ? nan : 0.f;
+        one[j] = isfinite(best.v[j].v) ? 1.f : nan;
+        zero[j] = isfinite(best.v[j].v) ? 0.f : nan;
       }
       const auto hot = [&](int64_t q, float v[4]) {
 #pragma unroll

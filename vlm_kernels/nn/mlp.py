@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops._common import check_factory_dtype, check_int, check_module_class, check_probability, describe
+
 # Rows per chunk: chunk x hidden x 4 bytes of hidden activation (3 MiB at hidden 384, 12 MiB at 1536)
 # stays in the last-level cache while the GEMMs keep enough rows to run at full rate; at most one chunk
 # (eager) below that, where chunking measured no gain.
@@ -150,7 +152,13 @@ class Mlp(nn.Module):
                  drop: float = 0.0, chunk_rows: int = CHUNK_ROWS, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        hidden_features = hidden_features or in_features
+        in_features = check_int("Mlp", "in_features", in_features)
+        hidden_features = in_features if hidden_features is None else check_int("Mlp", "hidden_features",
+                                                                                  hidden_features)
+        check_module_class("Mlp", "act_layer", act_layer)
+        check_probability("Mlp", "drop", drop)
+        chunk_rows = check_int("Mlp", "chunk_rows", chunk_rows)
+        check_factory_dtype("Mlp", dtype)
         self.fc1 = nn.Linear(in_features, hidden_features, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
@@ -190,7 +198,18 @@ class Mlp(nn.Module):
                 and x.numel() > 0 and x.shape[-1] == self.fc1.in_features and x.dtype == self.fc1.weight.dtype
                 and not _autocast_on(x.device.type))
 
+    def _check_input(self, x: object) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+            return
+        width = getattr(self.fc1, "in_features", None)  # None: a wrapped timm Mlp with another kind of fc1
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"Mlp: x must be a floating-point tensor (..., {width}), got {got}")
+        if x.dim() == 0 or (width is not None and x.shape[-1] != width):
+            raise ValueError(f"Mlp: x must have {width} features in its last dimension, got {describe(x)}")
+
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         if not self._chunkable(x):
             return self._eager(x)
         approximate = _gelu_kind(self.act)

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops._common import (check_bool, check_factory_dtype, check_int, check_module_class, check_probability,
+                           check_real, describe)
 from ..ops.window_attention import window_attention, windowed_attention
 from ..reference import window_attention as reference
 from .mlp import Mlp
@@ -70,9 +72,97 @@ def _act_layer(act_layer):
         return _ACTIVATIONS[act_layer]
     try:  # timm's full registry when it is installed
         from timm.layers import get_act_layer
-    except ImportError as exc:
+
+        found = get_act_layer(act_layer)
+    except (ImportError, KeyError, ValueError) as exc:
         raise ValueError(f"unknown act_layer {act_layer!r}; known without timm: {', '.join(_ACTIVATIONS)}") from exc
-    return get_act_layer(act_layer)
+    if found is None:
+        raise ValueError(f"unknown act_layer {act_layer!r}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks (named errors before any kernel runs)
+
+
+def _check_pair(op: str, name: str, value: object, minimum: int) -> Tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_attention_args(op: str, dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, dtype,
+                          head_dim=None, heads_divide=False) -> Tuple[int, int]:
+    check_int(op, "dim", dim)
+    check_int(op, "num_heads", num_heads)
+    if head_dim is not None:
+        check_int(op, "head_dim", head_dim)
+    elif heads_divide and dim % num_heads:
+        raise ValueError(f"{op}: dim={dim} must be divisible by num_heads={num_heads}")
+    elif dim < num_heads:
+        raise ValueError(f"{op}: num_heads={num_heads} exceeds dim={dim} (head_dim would be 0)")
+    window = _check_pair(op, "window_size", window_size, 1)
+    check_bool(op, "qkv_bias", qkv_bias)
+    check_probability(op, "attn_drop", attn_drop)
+    check_probability(op, "proj_drop", proj_drop)
+    check_factory_dtype(op, dtype)
+    return window
+
+
+def _check_block_args(op: str, input_resolution, shift_size, always_partition, dynamic_mask, mlp_ratio, drop_path,
+                      act_layer, norm_layer) -> None:
+    _check_pair(op, "input_resolution", input_resolution, 1)
+    _check_pair(op, "shift_size", shift_size, 0)
+    check_bool(op, "always_partition", always_partition)
+    check_bool(op, "dynamic_mask", dynamic_mask)
+    check_real(op, "mlp_ratio", mlp_ratio, low=0.0, low_open=True)
+    check_probability(op, "drop_path", drop_path)
+    check_module_class(op, "act_layer", _act_layer(act_layer))
+    check_module_class(op, "norm_layer", norm_layer)
+
+
+def _check_float_input(op: str, name: str, x: object, what: str) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{op}: {name} must be a floating-point tensor {what}, got {got}")
+    return x
+
+
+def _check_windows_input(op: str, x: object, mask: object, n: int, c: int) -> None:
+    """``forward(x, mask)``: x (B*nW, N, C) windows, mask None or (nW, N, N) dividing the windows."""
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+        return
+    x = _check_float_input(op, "x", x, f"(B*nW, {n}, {c})")
+    if x.dim() != 3 or tuple(x.shape[1:]) != (n, c):
+        raise ValueError(f"{op}: x must be (B*nW, {n}, {c}) windows of N = {n} tokens and C = {c} channels, "
+                         f"got {describe(x)}")
+    if mask is not None:
+        mask = _check_float_input(op, "mask", mask, f"(nW, {n}, {n})")
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or mask.shape[0] == 0 or x.shape[0] % mask.shape[0]:
+            raise ValueError(f"{op}: mask must be (nW, {n}, {n}) with nW dividing the {x.shape[0]} windows of x, "
+                             f"got {describe(mask)}")
+
+
+def _check_shift_below_window(op: str, window: Sequence[int], shift: Sequence[int]) -> None:
+    if any(s >= w for s, w in zip(shift, window)):
+        raise ValueError(f"{op}: shift_size {tuple(shift)} must be smaller than the window {tuple(window)} in each "
+                         f"dimension")
+
+
+def _check_map_input(op: str, x: object, c: int) -> None:
+    """A (B, H, W, C) feature map."""
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+        return
+    x = _check_float_input(op, "x", x, f"(B, H, W, {c})")
+    if x.dim() != 4 or x.shape[-1] != c:
+        raise ValueError(f"{op}: x must be a (B, H, W, {c}) feature map, got {describe(x)}")
 
 
 def _adopt(cls, old: nn.Module) -> nn.Module:
@@ -175,6 +265,8 @@ class WindowAttention(nn.Module):
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        window_size = _check_attention_args("WindowAttention", dim, num_heads, window_size, qkv_bias, attn_drop,
+                                            proj_drop, dtype, head_dim=head_dim)
         self.dim = dim
         self.window_size = to_2tuple(window_size)
         win_h, win_w = self.window_size
@@ -236,6 +328,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) additive 0/-100 or None. Returns (B*nW, N, C)."""
+        _check_windows_input("WindowAttention", x, mask, self.window_size[0] * self.window_size[1],
+                             self.qkv.in_features)
         bw, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self._bias().to(q.dtype)
@@ -248,6 +342,7 @@ class WindowAttention(nn.Module):
 
     def forward_map(self, x: Tensor, shift_size: IntOrPair = 0) -> Tensor:
         """x: (B, H, W, C) unshifted map -> (B, H, W, C): shifted-window attention incl. both projections."""
+        _check_map_input("WindowAttention", x, self.qkv.in_features)
         qkv = self.qkv(x)
         table = self.relative_position_bias_table.to(qkv.dtype)
         pad = None if self.qkv.bias is None else self.qkv.bias.to(qkv.dtype)
@@ -320,12 +415,17 @@ class SwinTransformerBlock(_ShiftedWindowBlock):
                  norm_layer: Type[nn.Module] = nn.LayerNorm, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        op = "SwinTransformerBlock"
+        _check_attention_args(op, dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, dtype, head_dim=head_dim)
+        _check_block_args(op, input_resolution, shift_size, always_partition, dynamic_mask, mlp_ratio, drop_path,
+                          act_layer, norm_layer)
         self.dim = dim
         self.input_resolution = input_resolution
         self.target_shift_size = to_2tuple(shift_size)
         self.always_partition = always_partition
         self.dynamic_mask = dynamic_mask  # accepted for compatibility: the mask always follows the input
         self.window_size, self.shift_size = self._calc_window_shift(window_size, shift_size)
+        _check_shift_below_window(op, self.window_size, self.shift_size)
         self.window_area = self.window_size[0] * self.window_size[1]
         self.mlp_ratio = mlp_ratio
         self.norm1 = norm_layer(dim, **dd)
@@ -338,6 +438,7 @@ class SwinTransformerBlock(_ShiftedWindowBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        _check_map_input(type(self).__name__, x, self.attn.qkv.in_features)
         b, h, w, c = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         x = x.reshape(b, -1, c)
@@ -371,6 +472,10 @@ class WindowAttentionV2(nn.Module):
                  pretrained_window_size: IntOrPair = (0, 0), device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        _check_attention_args("WindowAttentionV2", dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, dtype,
+                              heads_divide=True)
+        check_bool("WindowAttentionV2", "qkv_bias_separate", qkv_bias_separate)
+        _check_pair("WindowAttentionV2", "pretrained_window_size", pretrained_window_size, 0)
         self.dim = dim
         self.window_size = to_2tuple(window_size)
         self.pretrained_window_size = to_2tuple(pretrained_window_size)
@@ -458,6 +563,8 @@ class WindowAttentionV2(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) or None. Returns (B*nW, N, C)."""
+        _check_windows_input("WindowAttentionV2", x, mask, self.window_size[0] * self.window_size[1],
+                             self.qkv.in_features)
         bw, n, c = x.shape
         q, k, v = self._qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self._bias().to(q.dtype)
@@ -471,6 +578,7 @@ class WindowAttentionV2(nn.Module):
 
     def forward_map(self, x: Tensor, shift_size: IntOrPair = 0) -> Tensor:
         """x: (B, H, W, C) unshifted map -> (B, H, W, C): shifted-window attention incl. both projections."""
+        _check_map_input("WindowAttentionV2", x, self.qkv.in_features)
         qkv = self._qkv(x)
         bias = self._bias().to(qkv.dtype)
         pad = self._qkv_bias()
@@ -499,6 +607,11 @@ class SwinTransformerV2Block(_ShiftedWindowBlock):
                  device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        op = "SwinTransformerV2Block"
+        _check_attention_args(op, dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, dtype, heads_divide=True)
+        _check_block_args(op, input_resolution, shift_size, always_partition, dynamic_mask, mlp_ratio, drop_path,
+                          act_layer, norm_layer)
+        _check_pair(op, "pretrained_window_size", pretrained_window_size, 0)
         self.dim = dim
         self.input_resolution = to_2tuple(input_resolution)
         self.num_heads = num_heads
@@ -506,6 +619,7 @@ class SwinTransformerV2Block(_ShiftedWindowBlock):
         self.always_partition = always_partition
         self.dynamic_mask = dynamic_mask  # accepted for compatibility: the mask always follows the input
         self.window_size, self.shift_size = self._calc_window_shift(window_size, shift_size)
+        _check_shift_below_window(op, self.window_size, self.shift_size)
         self.window_area = self.window_size[0] * self.window_size[1]
         self.mlp_ratio = mlp_ratio
         self.attn = WindowAttentionV2(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
@@ -519,6 +633,7 @@ class SwinTransformerV2Block(_ShiftedWindowBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        _check_map_input(type(self).__name__, x, self.attn.qkv.in_features)
         b, h, w, c = x.shape
         x = x + self.drop_path1(self.norm1(self._attn(x)))
         x = x.reshape(b, -1, c)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from typing import Union
 
 import torch
@@ -49,6 +50,59 @@ def check_positive_finite(op: str, name: str, value: object) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_int(op: str, name: str, value: object, minimum: int = 1) -> int:
+    """An int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    """A bool (Python's or numpy's): a string or tensor here is almost always a misplaced argument."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_real(op: str, name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (not a bool) in the interval given by ``low``/``high`` (closed unless ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        bounds = []
+        if low != -math.inf:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high != math.inf:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        raise ValueError(f"{op}: {name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, "
+                         f"got {value}")
+    return value
+
+
+def check_probability(op: str, name: str, value: object) -> float:
+    """A dropout-style probability in [0, 1]."""
+    return check_real(op, name, value, low=0.0, high=1.0)
+
+
+def check_factory_dtype(op: str, dtype: object) -> None:
+    """The ``dtype`` factory argument of a layer: None or a floating-point torch.dtype."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{op}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_module_class(op: str, name: str, value: object) -> None:
+    """A layer factory such as ``act_layer=nn.GELU``: a class or callable that builds a module, not a module."""
+    if isinstance(value, torch.nn.Module) or not callable(value):
+        raise TypeError(f"{op}: {name} must be a class (or callable) that builds an nn.Module, e.g. nn.GELU, "
+                        f"got {value!r}")
 
 
 def seed_tensor(op: str, seed: Union[None, int, torch.Tensor]) -> torch.Tensor:
@@ -104,7 +158,9 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     The custom op costs ~15-20 us of Python per call (dispatcher, autograd key, redispatch), which is
     most of a small op's time on a GPU. It is needed for autograd, torch.compile, fake/meta tensors,
     dispatch and function modes, functorch transforms and tensor subclasses; a plain eager call with
-    nothing to differentiate gets the same result from the backend itself."""
+    nothing to differentiate gets the same result from the backend itself. The fast path still chooses
+    the backend through the op's table (``OpTable.select``), so ``use_backend`` (per thread) and
+    ``VLM_KERNELS_BACKEND`` hold for it exactly as for the op."""
     try:
         if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
             return False
@@ -139,6 +195,13 @@ def compiled_kernel(name: str):
     return call
 
 
+# Triton's interpreter (CPU tensors under TRITON_INTERPRET=1) patches triton.language module-wide while
+# a kernel runs and restores it afterwards, so two interpreted launches from different threads break
+# each other ("Did you forget to add @triton.jit?"). Interpreted launches therefore take turns; GPU
+# launches do not need (or take) the lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def triton_kernel(module: str, name: str):
     """A backend entry that calls ``vlm_kernels.triton.<module>.<name>``: Triton is imported only when
     this backend runs, and kernels launch on the device of the first tensor argument."""
@@ -151,7 +214,10 @@ def triton_kernel(module: str, name: str):
             found.append(getattr(importlib.import_module(f"vlm_kernels.triton.{module}"), name))
         launcher = found[0]
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        if device.type != "cuda":
+            with _INTERPRETER_LOCK:
+                return launcher(*args)
+        if device.index is None or device.index == torch.cuda.current_device():
             return launcher(*args)
         with torch.cuda.device(device):  # Triton launches on the current device
             return launcher(*args)

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .._backend import OpTable
 from ..reference import vq as reference
-from ._common import (check_float_tensor, compiled_kernel, contiguous, describe, eager_fast_path, first_tensor_reason,
-                      gpu_dtype_reason, normalize_dim, triton_kernel)
+from ._common import (check_bool, check_float_tensor, check_real, compiled_kernel, contiguous, describe, eager_fast_path,
+                      first_tensor_reason, gpu_dtype_reason, normalize_dim, triton_kernel)
 
 TABLE = OpTable("vq")
 METRICS = ("l2", "cosine")
@@ -90,7 +90,9 @@ def _gather_codes(codebook: Tensor, indices: Tensor, x_shape, dim: int) -> Tenso
 def _vq_quantize_forward(x: Tensor, codebook: Tensor, beta: float, codebook_weight: float,
                          dim: int) -> tuple[Tensor, Tensor, Tensor]:
     indices, distances = torch.ops.vlm_kernels.vq_nearest(x, codebook, dim, "l2")
-    quantized = _gather_codes(codebook, indices, x.shape, dim)
+    # The straight-through value x + sg(e - x) of eager code: the code, and NaN where x is NaN or +-inf
+    # (x * 0 is NaN exactly there, 0 elsewhere), in the same pass that writes the output.
+    quantized = _gather_codes(codebook, indices, x.shape, dim).addcmul_(x, x.new_zeros(()))
     if x.dtype == torch.float64:
         mse = ((x - quantized) ** 2).mean()
     else:
@@ -122,7 +124,9 @@ def _vq_quantize_backward(grad_quantized: Tensor, grad_loss: Tensor, x: Tensor, 
         # d/de_k of sum over k's rows of |e_k - x_r|^2 = 2 (count_k e_k - sum of k's rows): a segmented
         # sum, from the same one-pass statistics kernel the EMA update uses.
         counts, sums = torch.ops.vlm_kernels.vq_code_stats(x, indices, codebook.shape[0], dim)
-        grad_codebook = ((codebook_weight * scale) * (counts[:, None] * codebook.to(acc) - sums)).to(codebook.dtype)
+        grad_codebook = (codebook_weight * scale) * (counts[:, None] * codebook.to(acc) - sums)
+        # A code no row picked gets exactly 0 (autograd's index backward), also when it holds NaN/inf.
+        grad_codebook = torch.where(counts[:, None] > 0, grad_codebook, 0.0).to(codebook.dtype)
     return grad_x.to(x.dtype), grad_codebook
 
 
@@ -255,6 +259,7 @@ def vq_code_stats(x: Tensor, indices: Tensor, num_codes: int, *, dim: int = -1,
     indices = _check_indices("vq_code_stats", x, indices, dim)
     if isinstance(num_codes, bool) or not isinstance(num_codes, numbers.Integral) or num_codes <= 0:
         raise ValueError(f"vq_code_stats: num_codes must be a positive int, got {num_codes!r}")
+    validate = check_bool("vq_code_stats", "validate", validate)
     if validate and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_codes:
@@ -265,7 +270,15 @@ def vq_code_stats(x: Tensor, indices: Tensor, num_codes: int, *, dim: int = -1,
 
 
 def perplexity(counts: Tensor) -> Tensor:
-    """exp(entropy) of the code-usage distribution ``counts / counts.sum()`` (0 log 0 = 0)."""
+    """exp(entropy) of the code-usage distribution ``counts / counts.sum()`` (0 log 0 = 0): (K,) counts,
+    real (integer counts are taken as float32)."""
+    if not isinstance(counts, Tensor) or counts.dtype == torch.bool or counts.is_complex():
+        got = describe(counts) if isinstance(counts, Tensor) else type(counts).__name__
+        raise TypeError(f"perplexity: counts must be a real (K,) tensor, got {got}")
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"perplexity: counts must be a non-empty (K,) tensor, got {describe(counts)}")
+    if not counts.is_floating_point():
+        counts = counts.float()
     p = counts / counts.sum().clamp_min(torch.finfo(counts.dtype).tiny)
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
@@ -285,6 +298,27 @@ def _broadcast_(t: Tensor, group) -> Tensor:
     return t
 
 
+def _check_ema_state(codebook: object, cluster_size: object, embed_avg: object, x: object, indices: object,
+                     dim: object) -> None:
+    op = "vq_ema_update_"
+    codebook = check_float_tensor(op, "codebook", codebook)
+    if codebook.dim() != 2 or codebook.shape[0] == 0:
+        raise ValueError(f"{op}: codebook must be a non-empty (K, D) tensor, got {describe(codebook)}")
+    k, d = codebook.shape
+    for name, t, shape in (("cluster_size", cluster_size, (k,)), ("embed_avg", embed_avg, (k, d))):
+        t = check_float_tensor(op, name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape} for the (K, D) = {(k, d)} codebook, got {describe(t)}")
+        if t.device != codebook.device:
+            raise ValueError(f"{op}: {name} must be on codebook's device {codebook.device}, got {describe(t)}")
+    x = check_float_tensor(op, "x", x)
+    dim = normalize_dim(op, "x", x, dim)
+    if x.shape[dim] != d or x.device != codebook.device:
+        raise ValueError(f"{op}: x must have D = {d} along dim={dim} and codebook's device {codebook.device} "
+                         f"(x: {describe(x)}; codebook: {describe(codebook)})")
+    _check_indices(op, x, indices, dim)
+
+
 @torch.no_grad()
 def vq_ema_update_(codebook: Tensor, cluster_size: Tensor, embed_avg: Tensor, x: Tensor, indices: Tensor, *,
                    decay: float, eps: float = 1e-5, dim: int = -1, threshold_dead: float = 0.0,
@@ -302,8 +336,12 @@ def vq_ema_update_(codebook: Tensor, cluster_size: Tensor, embed_avg: Tensor, x:
     Returns ``{"counts", "perplexity", "dead"}``: this batch's (synced) counts, the perplexity of the
     code usage and the number of codes re-initialised, all tensors.
     """
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"vq_ema_update_: decay must lie in [0, 1], got {decay!r}")
+    _check_ema_state(codebook, cluster_size, embed_avg, x, indices, dim)
+    decay = check_real("vq_ema_update_", "decay", decay, low=0.0, high=1.0)
+    eps = check_real("vq_ema_update_", "eps", eps, low=0.0, low_open=True)
+    threshold_dead = check_real("vq_ema_update_", "threshold_dead", threshold_dead, low=0.0)
+    sync = check_bool("vq_ema_update_", "sync", sync)
+    normalize = check_bool("vq_ema_update_", "normalize", normalize)
     num_codes = codebook.shape[0]
     counts, sums = vq_code_stats(x, indices, num_codes, dim=dim, validate=False)
     if sync:

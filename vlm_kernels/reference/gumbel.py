@@ -7,7 +7,8 @@ Every function takes a contiguous ``logits`` and a normalised ``dim`` (checks li
   mapped to Gumbel(0, 1) noise in float32 (see philox.py)
 * ``z = logits + g`` in the accumulation type (float64 for float64 logits, float32 otherwise)
 * soft sample: ``softmax((z - max z) / tau)``; hard sample: one-hot of ``argmax z`` (lowest index on
-  ties, NaN counts as the largest), a whole row of NaN when the row holds a NaN
+  ties, NaN counts as the largest), a whole row of NaN when the soft sample's row is NaN (z holds a NaN
+  or a +inf, or is all -inf)
 * backward: ``dlogits = y * (dy - sum(dy * y)) / tau`` with ``y`` the soft sample (the straight-through
   gradient for hard samples)
 * KL(softmax(l) || uniform) = ``sum p (l - lse) + log K``; its gradient ``p * (log p - sum p log p)``;
@@ -51,7 +52,9 @@ def gumbel_softmax_forward(logits: torch.Tensor, seed: int, tau: float, hard: bo
         return _soft(z, tau, dim).to(logits.dtype)
     index = _first_argmax(z, dim).unsqueeze(dim)
     out = torch.zeros_like(z).scatter_(dim, index, 1.0)
-    out = torch.where(torch.isnan(z).any(dim=dim, keepdim=True), torch.nan, out)
+    # The row is NaN wherever the soft sample's is (eager's y_hard - sg(y_soft) + y_soft): a NaN, a +inf
+    # (inf - inf) or only -inf (-inf - -inf) in z, i.e. a non-finite max (amax propagates NaN).
+    out = torch.where(torch.isfinite(torch.amax(z, dim=dim, keepdim=True)), out, torch.nan)
     return out.to(logits.dtype)
 
 

@@ -59,7 +59,9 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _repeats_earlier_row(t: torch.Tensor) -> torch.Tensor:
     """(K,) bool: row k equals (bit for bit) some row j < k."""
-    bits = t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+    # A fresh row-major copy: contiguous() keeps odd strides on size-1 dims (a (1, 1) slice with
+    # stride 2 is "contiguous"), which view(uint8) rejects.
+    bits = t.clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(t.shape[0], -1)
     _, inverse = torch.unique(bits, dim=0, return_inverse=True)
     order = torch.arange(t.shape[0], device=t.device)
     first = torch.full((int(inverse.max()) + 1,), t.shape[0], dtype=torch.int64, device=t.device)
@@ -67,7 +69,8 @@ def _repeats_earlier_row(t: torch.Tensor) -> torch.Tensor:
     return first[inverse] != order
 
 
-def _exact_argmin(score: torch.Tensor, tol: torch.Tensor, r: torch.Tensor, e: torch.Tensor, metric: str) -> torch.Tensor:
+def _exact_argmin(score: torch.Tensor, tol: torch.Tensor, r: torch.Tensor, e: torch.Tensor, metric: str,
+                  candidate: torch.Tensor) -> torch.Tensor:
     """Per row, the lowest index of the exact minimum among the codes whose (float64 expanded) score is
     within ``tol`` (twice its rounding-error bound) of the row's best: exact ties go to the lowest index
     whatever the rounding of the expanded form."""
@@ -85,7 +88,30 @@ def _exact_argmin(score: torch.Tensor, tol: torch.Tensor, r: torch.Tensor, e: to
     win = exact == row_min[rows]
     out = torch.full((n,), score.shape[1], dtype=torch.int64, device=score.device)
     out = out.scatter_reduce(0, rows[win], codes[win], reduce="amin")
+    _overflowed_rows(out, finite, r, e, metric, candidate)
     return torch.where(out == score.shape[1], torch.zeros_like(out), out)
+
+
+def _overflowed_rows(out: torch.Tensor, finite: torch.Tensor, r: torch.Tensor, e: torch.Tensor, metric: str,
+                     candidate: torch.Tensor) -> None:
+    """Rows whose every expanded score overflowed (codes or rows beyond ~1e154 in float64, where the
+    centred squares are inf) although some code's own distance is finite: the exact distance to every
+    candidate code, in place. (Rows holding NaN/inf land here too; their index is overwritten later.)"""
+    lost = (~finite.any(1)).nonzero()[:, 0]
+    codes = candidate.nonzero()[:, 0]
+    if len(lost) == 0 or len(codes) == 0:
+        return
+    ec = e[codes]
+    block = max(1, (1 << 22) // (len(codes) * max(e.shape[1], 1)))
+    for start in range(0, len(lost), block):
+        rows = lost[start:start + block]
+        rb = r[rows]
+        if metric == "l2":
+            exact = ((rb[:, None, :] - ec[None, :, :]) ** 2).sum(-1)
+        else:
+            norms = rb.norm(dim=1).clamp_min(COSINE_EPS)[:, None] * ec.norm(dim=1).clamp_min(COSINE_EPS)[None, :]
+            exact = -(rb @ ec.T) / norms
+        out[rows] = codes[exact.argmin(1)]  # the first of equal minima: the lowest index
 
 
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +146,8 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, dim: int, metric: str) -
         else:
             score = penalty - r @ e_c.T  # r's norm does not change the order
             scale = r.norm(dim=1) * (max_norm + 1.0)
-        indices[start:start + chunk] = _exact_argmin(score, 2.0 * (e.shape[1] + 8) * 2.0**-53 * scale, r, e, metric)
+        indices[start:start + chunk] = _exact_argmin(score, 2.0 * (e.shape[1] + 8) * 2.0**-53 * scale, r, e, metric,
+                                                     candidate)
     chosen = codebook.to(torch.float64)[indices]
     if metric == "l2":
         distances = ((rows - chosen) ** 2).sum(1)

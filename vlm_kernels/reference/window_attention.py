@@ -199,24 +199,32 @@ def _normalize_backward(x: Tensor, dy: Tensor) -> Tensor:
 
 def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                 bias: Optional[Tensor], mask: Optional[Tensor], scale: float,
-                                logit_scale: Optional[Tensor]):
+                                logit_scale: Optional[Tensor], query_valid: Optional[Tensor] = None):
     """(dq, dk, dv, dbias (heads, N, N) or None, dlogit_scale (logit_scale's shape) or None).
 
     ``p = exp(s - lse)`` (renormalised); ``dv = p^T do``; ``dp = do v^T``; ``ds = p (dp - rowsum(p dp))``
     (``rowsum(p dp) = rowsum(do * out)``, the form a fused kernel uses; ``out`` is part of the contract
     for that reason and unused here); ``dbias = sum_windows ds``; v1: ``dq = scale ds k``,
     ``dk = scale ds^T q``; v2: through the clamped logit scale and the normalisation.
+
+    ``query_valid`` (B*nW, 1, N, 1) bool, from :func:`window_attention_backward`: False for padded query
+    rows, whose output is cropped and whose ``lse`` the forward did not keep: it is recomputed here, so
+    that those rows take part exactly as in eager autograd of timm's math (their incoming gradient is 0,
+    and 0 * NaN is NaN: the non-finite contract). Every NaN/inf flows as in autograd of the forward.
     """
     acc = acc_dtype(q.dtype)
     q, k, v, do = (t.to(acc) for t in (q, k, v, grad_out))
+    zero = torch.zeros((), dtype=acc, device=q.device)
     cast = (lambda t: None if t is None else t.to(acc))
     s = _logits(q, k, cast(bias), cast(mask), scale, cast(logit_scale))
+    if query_valid is not None:  # padded (cropped) query rows: their softmax as the forward computed it
+        lse = torch.where(query_valid.squeeze(-1), lse.to(acc), torch.logsumexp(s, -1))
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
     # lse is exact only to ~ulp(lse) (logits reach ~100 with v2's logit scale), which would scale whole
     # rows of p by 1 + 1e-5 in float32; renormalising keeps the reductions (dbias, dlogit_scale) as
-    # accurate as autograd through softmax. Rows with lse = +inf (padded queries) stay 0.
-    row = p.sum(-1, keepdim=True)
-    p = torch.where(row > 0, p / torch.where(row > 0, row, 1.0), 0.0)
+    # accurate as autograd through softmax. A row whose lse is NaN/inf (its forward row was NaN) stays
+    # NaN, as autograd through softmax gives.
+    p = p / p.sum(-1, keepdim=True)
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)
     # rowsum(p * dp) equals rowsum(do * o) (what a fused kernel uses), but taken from the same p it
@@ -233,8 +241,10 @@ def windowed_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
         kn = F.normalize(k, dim=-1, eps=NORMALIZE_EPS)
         cos = qn @ kn.transpose(-2, -1)
         dt = (ds * cos).sum((0, 2, 3))  # heads
-        unclamped = (logit_scale.to(acc).reshape(-1) <= LOGIT_SCALE_MAX).to(acc)
-        dlogit = (dt * t.reshape(-1) * unclamped).reshape(logit_scale.shape)
+        # clamp's gradient is selected, not multiplied: 0 above the clamp and for a NaN logit_scale
+        # (autograd's clamp backward), even when dt is NaN.
+        unclamped = logit_scale.to(acc).reshape(-1) <= LOGIT_SCALE_MAX
+        dlogit = torch.where(unclamped, dt * t.reshape(-1), zero).reshape(logit_scale.shape)
         ds_cos = ds * t
         dq = _normalize_backward(q, ds_cos @ kn)
         dk = _normalize_backward(k, ds_cos.transpose(-2, -1) @ qn)
@@ -303,18 +313,24 @@ def window_attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: T
         return torch.zeros_like(qkv), zeros(pad_qkv), zeros(rel_pos_bias), zeros(logit_scale)
     q, k, v, hp, wp = windows_qkv(qkv, pad_qkv, num_heads, window, shift)
     acc = acc_dtype(qkv.dtype)
-    # Padded query rows: zero incoming gradient and lse = +inf, so that their p and ds rows are 0.
+    # Padded query rows: zero incoming gradient; their lse (not kept by the forward) is recomputed from
+    # query_valid, so that they take part as in eager autograd (a placeholder lse of 0 here).
     def as_windows(t: Tensor, fill: Optional[Tensor] = None) -> Tensor:
         t = window_partition(shift_and_pad(t, window, shift, fill), window)
         return t.view(q.shape[0], q.shape[2], num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
     do = as_windows(grad_out.to(acc))
     o = as_windows(out.to(acc))
-    lse_w = as_windows(lse.to(acc), lse.new_full((num_heads,), math.inf, dtype=acc)).squeeze(-1)
+    lse_w = as_windows(lse.to(acc), lse.new_zeros((num_heads,), dtype=acc)).squeeze(-1)
+    query_valid = None
+    if (hp, wp) != (h, w):
+        real = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=qkv.device)
+        real[:, :h, :w] = True
+        query_valid = window_partition(real, window).view(-1, 1, q.shape[2], 1).repeat(b, 1, 1, 1)
     bias = dense_bias(rel_pos_bias, window, num_heads)
     mask = _window_mask(hp, wp, window, shift, qkv.device, acc)
     dq, dk, dv, dbias, dlogit = windowed_attention_backward(do, q.to(acc), k.to(acc), v.to(acc), o, lse_w, bias,
-                                                            mask, scale, logit_scale)
+                                                            mask, scale, logit_scale, query_valid)
     # Windows -> padded shifted map (B, Hp, Wp, 3C) -> split real / padded tokens.
     dwin = torch.stack((dq, dk, dv), 0).permute(1, 3, 0, 2, 4).reshape(q.shape[0], q.shape[2], c3)
     dmap = window_reverse(dwin, window, hp, wp)

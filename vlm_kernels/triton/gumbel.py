@@ -290,7 +290,8 @@ def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K
 def _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR: tl.constexpr, BC: tl.constexpr,
                         LAST_DIM: tl.constexpr, SINGLE: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
                         MASKED: tl.constexpr):
-    """argmax_k z per line (LAST_DIM) or column (first index on ties, first NaN wins) and whether z has NaN."""
+    """argmax_k z per line (LAST_DIM) or column (first index on ties, first NaN wins), whether z has NaN,
+    and the largest non-NaN z (-inf for a line of -inf only)."""
     RED: tl.constexpr = 1 if LAST_DIM else 0
     STEP: tl.constexpr = BC if LAST_DIM else BR
     N: tl.constexpr = BR if LAST_DIM else BC
@@ -312,7 +313,7 @@ def _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR
             best, best_idx, first_nan = _argmax_update(z, kidx, best, best_idx, first_nan, RED)
             x = x_next
     has_nan = first_nan < _BIG
-    return tl.where(has_nan, first_nan, best_idx), has_nan
+    return tl.where(has_nan, first_nan, best_idx), has_nan, best
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -322,10 +323,13 @@ def _gumbel_hard_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, n_rows, K, inner, n_
     RED: tl.constexpr = 1 if LAST_DIM else 0
     STEP: tl.constexpr = BC if LAST_DIM else BR
     o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
-    idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
-                                       SINGLE, ALIGN4, REL32, MASKED)
-    one = _expand(tl.where(has_nan, float("nan"), 1.0), RED)
-    zero = _expand(tl.where(has_nan, float("nan"), 0.0), RED)
+    idx, has_nan, best = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC,
+                                             LAST_DIM, SINGLE, ALIGN4, REL32, MASKED)
+    # The row is NaN wherever the soft sample's is (eager's y_hard - sg(y_soft) + y_soft): a NaN, or a
+    # non-finite maximum (+inf: inf - inf; only -inf: -inf - -inf).
+    nan_row = has_nan | (best == float("inf")) | (best == float("-inf"))
+    one = _expand(tl.where(nan_row, float("nan"), 1.0), RED)
+    zero = _expand(tl.where(nan_row, float("nan"), 0.0), RED)
     idx = _expand(idx, RED)
     for k0 in range(0, K, STEP):  # writes only: the one-hot needs no logits
         a_start, c_start = _chunk_start(k0, a0, c0, LAST_DIM)
@@ -339,8 +343,8 @@ def _gumbel_argmax_kernel(x_ptr, idx_ptr, seed_lo, seed_hi, n_rows, K, inner, n_
                           BC: tl.constexpr, LAST_DIM: tl.constexpr, SINGLE: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
                           MASKED: tl.constexpr):
     o, a0, c0 = _program_origin(n_c_tiles, BR, BC, LAST_DIM)
-    idx, has_nan = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC, LAST_DIM,
-                                       SINGLE, ALIGN4, REL32, MASKED)
+    idx, has_nan, best = _gumbel_argmax_tile(x_ptr, seed_lo, seed_hi, o, a0, c0, n_rows, K, inner, BR, BC,
+                                             LAST_DIM, SINGLE, ALIGN4, REL32, MASKED)
     if LAST_DIM:
         r = a0 + tl.arange(0, BR)
         tl.store(idx_ptr + r, idx.to(tl.int64), mask=r < n_rows)

@@ -261,7 +261,9 @@ def _normalize_bwd_y(y, g, norm, den):
 @triton.jit
 def _logit_multiplier(ls_ptr, head, COSINE: tl.constexpr):
     if COSINE:
-        t = tl.exp(tl.minimum(tl.load(ls_ptr + head).to(tl.float32), _LOG100))
+        ls = tl.load(ls_ptr + head).to(tl.float32)
+        # torch.clamp(ls, max=log 100): a NaN stays NaN (tl.minimum may return the other operand).
+        t = tl.exp(tl.where(ls > _LOG100, _LOG100, ls))
     else:
         t = 1.0
     return t
@@ -546,13 +548,18 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
 
 @triton.jit
 def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_ptr,
-                     dq_ptr, dbias_ptr, dt_ptr, rinv_ptr, dsum_ptr, scale,
+                     dq_ptr, dbias_ptr, dpad_ptr, dt_ptr, rinv_ptr, dsum_ptr, lse2_ptr, scale,
                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
                      HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Per query block: the renormaliser and D of each row, then dq, the bias and logit-scale terms."""
+    """Per query block: the renormaliser and D of each row, then dq, the bias and logit-scale terms.
+
+    Padded tokens' query rows (output cropped, lse not kept by the forward) take part as in eager
+    autograd of timm's math: their lse is recomputed here (sweep 0), their incoming gradient is 0, and
+    0 * NaN stays NaN (the non-finite contract). The lse used per row goes to ``lse2_ptr`` for the
+    column pass."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_M)
     mb = pid % n_blocks
@@ -571,9 +578,27 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     qo = _cos_operand(q, q_den, COSINE)
     io_mask = q_real[:, None] & dmask[None, :]
     do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask, other=0.0)
-    # Padded tokens' (cropped) query rows: lse = +inf, p = 0.
     lse2 = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf")) * _LOG2E
     n_kb = tl.cdiv(N, BLOCK_N)
+    q_pad = q_valid & ~q_real
+    if tl.max(q_pad.to(tl.int32), axis=0) > 0:
+        # Sweep 0 (blocks holding padded query rows only): their log-sum-exp, online; a NaN or +inf logit
+        # makes it NaN, as eager's softmax row.
+        m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l0 = tl.zeros([BLOCK_M], tl.float32)
+        for nb in range(0, n_kb):
+            kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW,
+                                                       MAP, BLOCK_N)
+            k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+            k_norm, k_den = _row_norm(k)
+            ko = _cos_operand(k, k_den, COSINE)
+            bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
+            s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
+            m_new = tl.maximum(m0, tl.max(s2, axis=1))
+            alpha = tl.where(m0 == m_new, 1.0, tl.exp2(m0 - m_new))
+            l0 = l0 * alpha + tl.sum(tl.where(k_valid[None, :], tl.exp2(s2 - m_new[:, None]), 0.0), axis=1)
+            m0 = m_new
+        lse2 = tl.where(q_pad, m0 + tl.log2(l0), lse2)
     # Sweep 1: the renormaliser sum_j exp(s - lse) and sum_j exp(s - lse) dp of every row.
     rsum = tl.zeros([BLOCK_M], tl.float32)
     esum = tl.zeros([BLOCK_M], tl.float32)
@@ -587,15 +612,16 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
-        e = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0)
+        e = tl.where(q_valid[:, None], tl.exp2(s2 - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_PREC)
         rsum += tl.sum(e, axis=1)
         esum += tl.sum(e * dp, axis=1)
-    rinv = 1.0 / tl.where(rsum > 0, rsum, 1.0)  # padded tokens' rows: e = 0, p = 0
+    rinv = 1.0 / tl.where(rsum > 0, rsum, 1.0)  # rows past the window: e = 0, p = 0
     dsum = esum * rinv  # D = rowsum(p * dp) with p = e / rsum
     stat = (tl.cast(w, tl.int64) * heads + head) * NT + qi
     tl.store(rinv_ptr + stat, rinv)
     tl.store(dsum_ptr + stat, dsum)
+    tl.store(lse2_ptr + stat, lse2)
     # Sweep 2: ds = p (dp - D); dq, the bias and logit-scale terms.
     g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, n_kb):
@@ -607,7 +633,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
-        p = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
+        p = tl.where(q_valid[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dsum[:, None])
         if COSINE:
@@ -628,11 +654,14 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         dq = g * scale
     tl.store(dq_ptr + (q_row[:, None] * in_stride + (in_col + dcol)[None, :]), dq.to(dq_ptr.dtype.element_ty),
              mask=io_mask)
+    if HAS_PAD:  # the padded tokens' q gradient goes to pad_qkv's q part (0, or NaN as in eager)
+        tl.atomic_add(dpad_ptr + (in_col + dcol), tl.sum(tl.where(q_pad[:, None], dq, 0.0), axis=0), mask=dmask,
+                      sem="relaxed")
 
 
 @triton.jit
 def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_ptr,
-                     dk_ptr, dv_ptr, dpad_ptr, rinv_ptr, dsum_ptr, scale,
+                     dk_ptr, dv_ptr, dpad_ptr, rinv_ptr, dsum_ptr, lse2_ptr, scale,
                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
@@ -667,14 +696,14 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         io_mask = q_real[:, None] & dmask[None, :]
         do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask,
                      other=0.0)
-        lse2 = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf")) * _LOG2E
         stat = (tl.cast(w, tl.int64) * heads + head) * NT + qi
+        lse2 = tl.load(lse2_ptr + stat)  # the rows kernel's (padded rows' recomputed)
         rinv = tl.load(rinv_ptr + stat)
         dsum = tl.load(dsum_ptr + stat)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
-        p = tl.where(q_real[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
+        p = tl.where(q_valid[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dsum[:, None])
         dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PREC)
@@ -865,12 +894,14 @@ def _backward(q, k, v, pad, bias, mask, logit_scale, do, lse, dq, dk, dv, scale,
         cfg = _tiled_blocks(geo.d, prec)
         rinv = torch.empty(n_windows * geo.heads * npad, **f32)
         dsum = torch.empty_like(rinv)
+        lse2 = torch.empty_like(rinv)  # every row's log2-sum-exp2, padded rows' recomputed
         rest = (*geo.window_scalars, npad, *geo.strides, *geo.lse_strides)
         grid = (n_windows * geo.heads * triton.cdiv(geo.N, cfg["BLOCK_M"]),)
-        _bwd_rows_kernel[grid](*inputs, lse, dq, _or(dbias, dummy), _or(dt, dummy), rinv, dsum, float(scale), *rest,
-                               **flags, HAS_BIAS=bias is not None, **cfg)
+        _bwd_rows_kernel[grid](*inputs, lse, dq, _or(dbias, dummy), _or(dpad, dummy), _or(dt, dummy), rinv, dsum,
+                               lse2, float(scale), *rest, **flags, HAS_BIAS=bias is not None, **cfg)
         grid = (n_windows * geo.heads * triton.cdiv(geo.N, cfg["BLOCK_N"]),)
-        _bwd_cols_kernel[grid](*inputs, lse, dk, dv, _or(dpad, dummy), rinv, dsum, float(scale), *rest, **flags, **cfg)
+        _bwd_cols_kernel[grid](*inputs, lse, dk, dv, _or(dpad, dummy), rinv, dsum, lse2, float(scale), *rest, **flags,
+                               **cfg)
     return dbias, dpad, dt
 
 
