@@ -770,11 +770,6 @@ inline M infinite_lanes(F x) {
   return eq(x, splat(std::numeric_limits<float>::infinity())) | eq(x, splat(-std::numeric_limits<float>::infinity()));
 }
 
-inline __mmask16 infinite_lanes(__m512 x) {
-  return _mm512_cmp_ps_mask(x, splat(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) |
-         _mm512_cmp_ps_mask(x, splat(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
-}
-
 // Software prefetch distances in steps: a step of the noise passes takes ~100 cycles or more, one of the
 // memory-bound passes a few, and a DRAM access some hundreds.
 constexpr int kComputeAhead = 8;
