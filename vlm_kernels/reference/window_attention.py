@@ -305,7 +305,9 @@ def window_attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: T
 
     The gradients of the real tokens' qkv go back to their unshifted place; those of the padded
     tokens (which all hold ``pad_qkv``) are summed into ``dpad_qkv``. A padded query's output is
-    cropped, so its rows contribute nothing: only the real rows' ``out`` and ``lse`` are needed.
+    cropped, so its rows contribute 0 to finite gradients; they still take part (their softmax is
+    recomputed), so that a NaN/inf there reaches ``dk``, ``dbias`` and ``dpad_qkv`` as ``0 * NaN`` does in
+    eager autograd (docs/nonfinite.md). Only the real rows' ``out`` and ``lse`` are needed.
     """
     b, h, w, c3 = qkv.shape
     if qkv.numel() == 0:
