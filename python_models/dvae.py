@@ -302,6 +302,10 @@ class DiscreteVAE(nn.Module):
         self._check_images(x)
         check_float_field("DiscreteVAE", "beta", beta)
         check_bool_field("DiscreteVAE", "hard", hard)
+        check_float_field("DiscreteVAE", "marginal_weight", marginal_weight)
+        if gumbel_softmax is not None and not callable(gumbel_softmax):
+            raise TypeError(f"DiscreteVAE: gumbel_softmax must be None or a function like "
+                            f"torch.nn.functional.gumbel_softmax, got {type(gumbel_softmax).__name__}")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
             raise ValueError(f"DiscreteVAE: x must hold pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}], "
