@@ -319,8 +319,10 @@ bool use_bf16_tiles() {
   if (env != nullptr && std::strcmp(env, "fp32") == 0) return false;
   if (env != nullptr && std::strcmp(env, "bf16") == 0) return true;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  // AVX512-BF16 only at the AVX-512 level: a lower level (forced by VLM_KERNELS_CPU_ISA) behaves as a
+  // CPU of that level would, which has no bf16 dot instructions
   static const bool native = __builtin_cpu_supports("avx512bf16");
-  return native;
+  return native && VLM_VQ_AVX512;
 #else
   return false;
 #endif
