@@ -285,8 +285,7 @@ class VectorQuantizer(nn.Module):
         codebook_size = _positive_int(owner, "codebook_size", codebook_size)
         codebook_dim = dim if codebook_dim is None else _positive_int(owner, "codebook_dim", codebook_dim)
         heads = _positive_int(owner, "heads", heads)
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real)
-                                  or not 0.0 <= float(decay) < 1.0):
+        if decay is not None and not 0.0 <= _real(owner, "decay", decay) < 1.0:
             raise ValueError(f"{owner}: decay must be None (learned codebook) or in [0, 1), got {decay!r}")
         if not _real(owner, "eps", eps) > 0:
             raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
