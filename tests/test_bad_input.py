@@ -26,8 +26,8 @@ import torch.nn as nn
 
 import vlm_kernels as vk
 from vlm_kernels import _backend
-from vlm_kernels.nn import (Mlp, SwinTransformerBlock, SwinTransformerV2Block, VectorQuantizer, WindowAttention,
-                            WindowAttentionV2)
+from vlm_kernels.nn import (GroupedResidualVQ, Mlp, ResidualVQ, SwinTransformerBlock, SwinTransformerV2Block,
+                            VectorQuantizer, WindowAttention, WindowAttentionV2)
 
 from _robust import mark_known_violation
 
@@ -139,6 +139,21 @@ SPECS: dict[str, Spec] = {
         VectorQuantizer.__init__),
     "nn.VectorQuantizer.forward": Spec(_method(_vq_module, "forward"), lambda: dict(x=t(3, 5, 4)),
                                        VectorQuantizer.forward),
+    "nn.ResidualVQ": Spec(_module_call(ResidualVQ), lambda: dict(
+        dim=4, num_quantizers=2, codebook_size=6, codebook_dim=None, shared_codebook=False, heads=1,
+        quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
+        accept_image_fmap=False, quant_grad_frac=0.0, return_zeros_for_masked_padding=True, decay=0.9), ResidualVQ.__init__),
+    "nn.ResidualVQ.forward": Spec(_method(lambda: ResidualVQ(dim=4, num_quantizers=2, codebook_size=6), "forward"),
+                                  lambda: dict(x=t(2, 5, 4), mask=None, indices=None, return_all_codes=False,
+                                               sample_codebook_temp=None, freeze_codebook=False, beam_size=None,
+                                               rand_quantize_dropout_fixed_seed=None), ResidualVQ.forward),
+    "nn.GroupedResidualVQ": Spec(_module_call(GroupedResidualVQ), lambda: dict(
+        dim=4, groups=2, accept_image_fmap=False, num_quantizers=2, codebook_size=6), GroupedResidualVQ.__init__),
+    "nn.GroupedResidualVQ.forward": Spec(_method(lambda: GroupedResidualVQ(dim=4, groups=2, num_quantizers=2,
+                                                                           codebook_size=6), "forward"),
+                                         lambda: dict(x=t(2, 5, 4), indices=None, return_all_codes=False,
+                                                      sample_codebook_temp=None, freeze_codebook=False, mask=None),
+                                         GroupedResidualVQ.forward),
     "nn.WindowAttention": Spec(_module_call(WindowAttention), lambda: dict(
         dim=8, num_heads=2, head_dim=None, window_size=4, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, device=None,
         dtype=None), WindowAttention.__init__),
@@ -314,10 +329,10 @@ ROWS = [
 # the VectorQuantizer layer
 ROWS += [
     *[("nn.VectorQuantizer", name, case, value, exc, name) for name in ("dim", "codebook_size") for case, value, exc in (
-        ("zero", 0, ValueError), ("float", 4.0, ValueError), ("bool", True, ValueError))],
+        ("zero", 0, ValueError), ("float", 4.0, TypeError), ("bool", True, TypeError))],
     *[("nn.VectorQuantizer", "decay", case, value, exc, "decay") for case, value, exc in (
         ("one", 1.0, ValueError), ("negative", -0.1, ValueError), ("nan", math.nan, ValueError),
-        ("str", "0.9", (TypeError, ValueError)))],
+        ("str", "0.9", TypeError), ("bool", True, TypeError))],
     *[("nn.VectorQuantizer", "commitment_weight", case, value, exc, "commitment_weight") for case, value, exc in (
         ("negative", -1.0, ValueError), ("nan", math.nan, ValueError), ("str", "1", TypeError))],
     *[("nn.VectorQuantizer", "eps", case, value, exc, "eps") for case, value, exc in (
@@ -332,6 +347,88 @@ ROWS += [
     *[("nn.VectorQuantizer.forward", "x", case, value, exc, "x") for case, value, exc in (
         ("wrong D", t(3, 5, 3), ValueError), ("int", torch.ones(3, 4, dtype=torch.int64), TypeError),
         ("0-dim", t(), ValueError), ("list", [[0.0] * 4], TypeError))],
+    # the vector-quantize-pytorch surface
+    *[("nn.VectorQuantizer", name, case, value, exc, name)
+      for name in ("codebook_dim", "heads", "orthogonal_reg_max_codes")
+      for case, value, exc in (("zero", 0, ValueError), ("float", 2.5, TypeError), ("str", "2", TypeError))],
+    *[("nn.VectorQuantizer", name, case, value, exc, name) for name in ("orthogonal_reg_weight", "sample_codebook_temp")
+      for case, value, exc in (("negative", -1.0, ValueError), ("nan", math.nan, ValueError), ("str", "1", TypeError))],
+    *[("nn.VectorQuantizer", name, case, value, TypeError, name) for name in (
+        "separate_codebook_per_head", "freeze_codebook", "sync_kmeans", "layernorm_after_project_in", "channel_last",
+        "accept_3d_fmap", "orthogonal_reg_active_codes_only", "stochastic_sample_codes", "rotation_trick", "ema_update",
+        "learnable_codebook", "return_zeros_for_masked_padding", "route_gradients_to_input")
+      for case, value in (("str", "yes"), ("int", 1), ("tensor", torch.tensor(True)))],
+    ("nn.VectorQuantizer", "accept_3d_fmap", "with accept_image_fmap",
+     From(lambda kw: kw.update(accept_image_fmap=True) or True), ValueError, "accept_3d_fmap"),
+    ("nn.VectorQuantizer", "ema_update", "without EMA", From(lambda kw: kw.update(decay=None) or True), ValueError,
+     "ema_update"),
+    ("nn.VectorQuantizer", "learnable_codebook", "with EMA update", True, ValueError, "learnable_codebook"),
+    *[("nn.VectorQuantizer.forward", name, "not supported", value, ValueError, name) for name, value in (
+        ("indices", torch.zeros(3, 5, dtype=torch.int64)), ("topk", 2), ("codebook_transform_fn", lambda e: e),
+        ("ema_update_weight", 0.5), ("accum_ema_update", True))],
+    *[("nn.VectorQuantizer.forward", "mask", case, value, ValueError, "mask") for case, value in (
+        ("wrong shape", torch.ones(3, 4, dtype=torch.bool)), ("float", torch.ones(3, 5)), ("list", [[True] * 5] * 3),
+        ("with lens", From(lambda kw: kw.update(lens=torch.tensor([5, 5, 5])) or torch.ones(3, 5, dtype=torch.bool))))],
+    *[("nn.VectorQuantizer.forward", "lens", case, value, ValueError, "lens") for case, value in (
+        ("float", torch.ones(3)), ("wrong shape", torch.tensor([5, 5])), ("list", [5, 5, 5]))],
+    *[("nn.VectorQuantizer.forward", "sample_codebook_temp", case, value, exc, "sample_codebook_temp")
+      for case, value, exc in (("negative", -1.0, ValueError), ("nan", math.nan, ValueError), ("str", "1", TypeError))],
+    *[("nn.VectorQuantizer.forward", name, "str", "yes", TypeError, name) for name in (
+        "freeze_codebook", "return_loss_breakdown", "accum_ema_update", "ema_update")],
+    ("nn.VectorQuantizer.forward", "ema_update", "tensor", torch.tensor([True, False]), TypeError, "ema_update"),
+]
+
+# ResidualVQ / GroupedResidualVQ
+ROWS += [
+    *[("nn.ResidualVQ", name, case, value, exc, name) for name in ("dim", "num_quantizers", "codebook_dim",
+                                                                   "quantize_dropout_multiple_of")
+      for case, value, exc in (("zero", 0, ValueError), ("float", 4.0, TypeError), ("bool", True, TypeError))],
+    *[("nn.ResidualVQ", "codebook_size", case, value, exc, "codebook_size") for case, value, exc in (
+        ("zero", 0, ValueError), ("float", 8.0, TypeError), ("entry zero", (8, 0), ValueError),
+        ("length mismatch", (8, 8, 8), ValueError), ("str", "8", TypeError))],
+    ("nn.ResidualVQ", "num_quantizers", "None with an int codebook_size", None, ValueError, "num_quantizers"),
+    *[("nn.ResidualVQ", name, case, value, TypeError, name) for name in (
+        "shared_codebook", "quantize_dropout", "accept_image_fmap", "return_zeros_for_masked_padding")
+      for case, value in (("str", "yes"), ("int", 1))],
+    ("nn.ResidualVQ", "shared_codebook", "sizes differ", From(lambda kw: kw.update(codebook_size=(6, 8)) or True),
+     ValueError, "shared_codebook"),
+    *[("nn.ResidualVQ", "heads", case, value, exc, "heads") for case, value, exc in (
+        ("two", 2, ValueError), ("float", 1.5, TypeError))],
+    *[("nn.ResidualVQ", "quantize_dropout_cutoff_index", case, value, exc, "quantize_dropout_cutoff_index")
+      for case, value, exc in (("negative", -1, ValueError), ("float", 0.5, TypeError),
+                               ("past the end", From(lambda kw: kw.update(quantize_dropout=True) or 2), ValueError))],
+    *[("nn.ResidualVQ", "quant_grad_frac", case, value, exc, "quant_grad_frac") for case, value, exc in (
+        ("above 1", 1.5, ValueError), ("negative", -0.1, ValueError), ("nan", math.nan, ValueError),
+        ("str", "0.5", TypeError))],
+    *[("nn.ResidualVQ.forward", "x", case, value, exc, "x") for case, value, exc in (
+        ("wrong D", t(2, 5, 3), ValueError), ("int", torch.ones(2, 4, dtype=torch.int64), TypeError),
+        ("0-dim", t(), ValueError), ("list", [[0.0] * 4], TypeError))],
+    *[("nn.ResidualVQ.forward", "mask", case, value, ValueError, "mask") for case, value in (
+        ("wrong shape", torch.ones(2, 4, dtype=torch.bool)), ("float", torch.ones(2, 5)))],
+    ("nn.ResidualVQ.forward", "indices", "not supported", torch.zeros(2, 5, 2, dtype=torch.int64), ValueError,
+     "indices"),
+    *[("nn.ResidualVQ.forward", name, "str", "yes", TypeError, name) for name in ("return_all_codes",
+                                                                                "freeze_codebook")],
+    *[("nn.ResidualVQ.forward", "sample_codebook_temp", case, value, exc, "sample_codebook_temp")
+      for case, value, exc in (("negative", -1.0, ValueError), ("str", "1", TypeError))],
+    *[("nn.ResidualVQ.forward", "beam_size", case, value, exc, "beam_size") for case, value, exc in (
+        ("not supported", 4, ValueError), ("str", "4", TypeError))],
+    *[("nn.ResidualVQ.forward", "rand_quantize_dropout_fixed_seed", case, value, TypeError,
+       "rand_quantize_dropout_fixed_seed") for case, value in (("float", 1.5), ("str", "1"))],
+    *[("nn.GroupedResidualVQ", name, case, value, exc, name) for name in ("dim", "groups")
+      for case, value, exc in (("zero", 0, ValueError), ("float", 4.0, TypeError), ("bool", True, TypeError))],
+    ("nn.GroupedResidualVQ", "groups", "not dividing dim", 3, ValueError, "groups"),
+    ("nn.GroupedResidualVQ", "accept_image_fmap", "str", "yes", TypeError, "accept_image_fmap"),
+    *[("nn.GroupedResidualVQ.forward", "x", case, value, exc, "x") for case, value, exc in (
+        ("wrong D", t(2, 5, 3), ValueError), ("int", torch.ones(2, 4, dtype=torch.int64), TypeError),
+        ("0-dim", t(), ValueError), ("list", [[0.0] * 4], TypeError))],
+    ("nn.GroupedResidualVQ.forward", "indices", "not supported", torch.zeros(2, 2, 5, 2, dtype=torch.int64),
+     ValueError, "indices"),
+    *[("nn.GroupedResidualVQ.forward", "mask", case, value, ValueError, "mask") for case, value in (
+        ("wrong shape", torch.ones(2, 4, dtype=torch.bool)), ("float", torch.ones(2, 5)))],
+    *[("nn.GroupedResidualVQ.forward", name, "str", "yes", TypeError, name) for name in ("return_all_codes",
+                                                                                       "freeze_codebook")],
+    ("nn.GroupedResidualVQ.forward", "sample_codebook_temp", "negative", -1.0, ValueError, "sample_codebook_temp"),
 ]
 
 # the Swin layers
@@ -536,24 +633,8 @@ def _config_rows():
 
 ROWS += _config_rows()
 
-# Rows a layer does not meet yet: strict xfails naming the file the check belongs in.
-_VQ_LAYER = "nn.VectorQuantizer: {now}; fix pending in vlm_kernels/nn/vq.py: {fix}"
-KNOWN = {
-    ("gumbel_softmax", "hard", "str"): "gumbel_softmax: hard='yes' is taken as True (bool(hard)); fix pending in "
-                                       "vlm_kernels/ops/gumbel.py: TypeError unless hard is a bool",
-    ("gumbel_softmax", "hard", "tensor"): "gumbel_softmax: a 2-element tensor for hard raises a RuntimeError from "
-                                          "bool(tensor) that does not name hard; fix pending in vlm_kernels/ops/gumbel.py: "
-                                          "TypeError unless hard is a bool",
-    ("nn.VectorQuantizer", "commitment_weight", "str"): _VQ_LAYER.format(
-        now="commitment_weight='1' raises a TypeError from '>=' that does not name the argument",
-        fix="TypeError naming commitment_weight unless it is a real number"),
-    ("nn.VectorQuantizer", "kmeans_iters", "float"): _VQ_LAYER.format(
-        now="kmeans_iters=2.5 is accepted (int(2.5))", fix="TypeError unless kmeans_iters is an int"),
-}
-for _flag in ("use_cosine_sim", "kmeans_init", "accept_image_fmap", "sync_codebook"):
-    KNOWN[("nn.VectorQuantizer", _flag, "str")] = _VQ_LAYER.format(
-        now=f"{_flag}='yes' is accepted as True", fix=f"TypeError unless {_flag} is a bool" +
-        (" (or None)" if _flag == "sync_codebook" else ""))
+# Rows a layer does not meet yet: strict xfails naming the file the check belongs in (none at present).
+KNOWN: dict = {}
 
 
 def _row_id(row) -> str:
@@ -599,18 +680,9 @@ def _parameters(spec: Spec) -> list[str]:
     return [p.name for p in params if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-# Not covered yet: the vector-quantize-pytorch surface of nn.VectorQuantizer (and nn.ResidualVQ /
-# nn.GroupedResidualVQ) merged from main after this table was written. Listed exactly: a new parameter
-# still fails test_every_parameter_has_a_row, and an entry that gets a row must leave this list.
-PENDING_PARAMETERS = {("nn.VectorQuantizer", p) for p in (
-    "codebook_dim", "heads", "separate_codebook_per_head", "freeze_codebook", "sync_kmeans",
-    "layernorm_after_project_in", "channel_last", "accept_3d_fmap", "orthogonal_reg_weight",
-    "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "stochastic_sample_codes",
-    "sample_codebook_temp", "rotation_trick", "ema_update", "learnable_codebook",
-    "return_zeros_for_masked_padding", "route_gradients_to_input")} | {("nn.VectorQuantizer.forward", p) for p in (
-    "indices", "mask", "lens", "topk", "sample_codebook_temp", "freeze_codebook", "return_loss_breakdown",
-    "codebook_transform_fn", "ema_update_weight", "accum_ema_update", "ema_update")}
-PENDING_SPECS = {"nn.ResidualVQ", "nn.ResidualVQ.forward", "nn.GroupedResidualVQ", "nn.GroupedResidualVQ.forward"}
+# Not covered yet (listed exactly: an entry that gets a row must leave these): none at present.
+PENDING_PARAMETERS: set = set()
+PENDING_SPECS: set = set()
 
 
 def test_every_parameter_has_a_row():
@@ -641,6 +713,19 @@ def test_every_public_callable_has_a_spec():
     assert not PENDING_SPECS & set(SPECS), f"covered now, remove from PENDING_SPECS: {PENDING_SPECS & set(SPECS)}"
     missing = [m for m in missing if m not in PENDING_SPECS]
     assert not missing, f"public callables without a Spec in tests/test_bad_input.py: {missing}"
+
+
+def test_flags_accept_numpy_bools():
+    """A flag is a bool or a numpy bool (what a config read from an array holds); both give the same layer."""
+    np = pytest.importorskip("numpy")
+    flags = dict(use_cosine_sim=np.True_, kmeans_init=np.False_, accept_image_fmap=np.False_,
+                 sync_codebook=np.False_, rotation_trick=np.False_, return_zeros_for_masked_padding=np.True_)
+    layer = VectorQuantizer(4, 6, decay=0.9, **flags)
+    for name, value in flags.items():
+        assert getattr(layer, name) is bool(value), name
+    assert ResidualVQ(dim=4, num_quantizers=2, codebook_size=6, quantize_dropout=np.True_).quantize_dropout is True
+    logits = t(2, 5)
+    assert torch.equal(vk.gumbel_softmax(logits, hard=np.True_, seed=3), vk.gumbel_softmax(logits, hard=True, seed=3))
 
 
 # ----------------------------------------------------------------------------------------------------

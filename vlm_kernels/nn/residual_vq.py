@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._common import describe
-from .vq import VectorQuantizer, _positive_int, reject_unsupported
+from .vq import VectorQuantizer, _bool, _int, _nonnegative, _positive_int, _real, reject_unsupported
 
 # ResidualVQ arguments not implemented here: name -> (the default, which is accepted, and why not).
 _UNSUPPORTED = {
@@ -82,8 +82,17 @@ class ResidualVQ(nn.Module):
         owner = "ResidualVQ"
         reject_unsupported(owner, _UNSUPPORTED, {k: vq_kwargs.pop(k) for k in list(vq_kwargs) if k in _UNSUPPORTED})
         dim = _positive_int(owner, "dim", dim)
-        if heads != 1:
+        shared_codebook = _bool(owner, "shared_codebook", shared_codebook)
+        quantize_dropout = _bool(owner, "quantize_dropout", quantize_dropout)
+        accept_image_fmap = _bool(owner, "accept_image_fmap", accept_image_fmap)
+        return_zeros_for_masked_padding = _bool(owner, "return_zeros_for_masked_padding",
+                                                return_zeros_for_masked_padding)
+        quantize_dropout_cutoff_index = _int(owner, "quantize_dropout_cutoff_index", quantize_dropout_cutoff_index)
+        quant_grad_frac = _real(owner, "quant_grad_frac", quant_grad_frac)
+        if _int(owner, "heads", heads) != 1:
             raise ValueError(f"{owner}: heads must be 1 (residual VQ has no multi-headed codes), got {heads!r}")
+        if num_quantizers is not None:
+            num_quantizers = _positive_int(owner, "num_quantizers", num_quantizers)
         if isinstance(codebook_size, (tuple, list)):
             sizes = tuple(_positive_int(owner, "codebook_size", s) for s in codebook_size)
             if num_quantizers is not None and num_quantizers != len(sizes):
@@ -177,14 +186,22 @@ class ResidualVQ(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, indices=None, return_all_codes: bool = False,
                 sample_codebook_temp: Optional[float] = None, freeze_codebook: bool = False,
                 beam_size: Optional[int] = None, rand_quantize_dropout_fixed_seed: Optional[int] = None):
+        owner = "ResidualVQ.forward"
         if indices is not None:
             raise ValueError("ResidualVQ.forward: argument indices (the cross-entropy loss to given codes) is not "
                              "supported")
-        if beam_size is not None and beam_size > 1:
+        if beam_size is not None and _int(owner, "beam_size", beam_size) > 1:
             raise ValueError(f"ResidualVQ.forward: argument beam_size={beam_size!r} is not supported (beam search)")
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = describe(x) if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"ResidualVQ: x must be a floating-point tensor, got {got}")
+        return_all_codes = _bool(owner, "return_all_codes", return_all_codes)
+        freeze_codebook = _bool(owner, "freeze_codebook", freeze_codebook)
+        if sample_codebook_temp is not None:
+            sample_codebook_temp = _nonnegative(owner, "sample_codebook_temp", sample_codebook_temp)
+        if rand_quantize_dropout_fixed_seed is not None:
+            rand_quantize_dropout_fixed_seed = _int(owner, "rand_quantize_dropout_fixed_seed",
+                                                    rand_quantize_dropout_fixed_seed)
         vdim = self._vector_dim()
         if x.dim() < (4 if self.accept_image_fmap else 1) or x.shape[vdim] != self.dim:
             where = "(B, dim, H, W) with dim" if self.accept_image_fmap else "the last dim"
@@ -280,6 +297,7 @@ class GroupedResidualVQ(nn.Module):
         super().__init__()
         dim = _positive_int("GroupedResidualVQ", "dim", dim)
         groups = _positive_int("GroupedResidualVQ", "groups", groups)
+        accept_image_fmap = _bool("GroupedResidualVQ", "accept_image_fmap", accept_image_fmap)
         if dim % groups:
             raise ValueError(f"GroupedResidualVQ: dim={dim} must be a multiple of groups={groups}")
         self.dim, self.groups, self.accept_image_fmap = dim, groups, bool(accept_image_fmap)
@@ -306,7 +324,18 @@ class GroupedResidualVQ(nn.Module):
         if indices is not None:
             raise ValueError("GroupedResidualVQ.forward: argument indices (the cross-entropy loss to given codes) "
                              "is not supported")
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[self.split_dim] != self.dim:
+        owner = "GroupedResidualVQ.forward"
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"GroupedResidualVQ: x must be a floating-point tensor, got {got}")
+        return_all_codes = _bool(owner, "return_all_codes", return_all_codes)
+        freeze_codebook = _bool(owner, "freeze_codebook", freeze_codebook)
+        if sample_codebook_temp is not None:
+            sample_codebook_temp = _nonnegative(owner, "sample_codebook_temp", sample_codebook_temp)
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
+            got = describe(mask) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"GroupedResidualVQ: mask must be a bool tensor, got {got}")
+        if x.dim() == 0 or x.shape[self.split_dim] != self.dim:
             got = describe(x) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"GroupedResidualVQ: x must have size {self.dim} along dim {self.split_dim}, got {got}")
         # One dropout draw for all groups (drawn in training whether or not dropout is on, as theirs).

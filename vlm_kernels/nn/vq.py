@@ -84,16 +84,49 @@ def reject_unsupported(owner: str, table: dict, given: dict) -> None:
                              f"only its default {default!r} is accepted")
 
 
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
+def _got(value: object) -> str:
+    return describe(value) if isinstance(value, Tensor) else f"{type(value).__name__} {value!r}"
+
+
+def _bool(owner: str, name: str, value: object, optional: bool = False) -> Optional[bool]:
+    """A bool (or numpy bool; ``None`` too when ``optional``); anything else is a TypeError naming it."""
+    if value is None and optional:
+        return None
+    if not _is_bool(value):
+        raise TypeError(f"{owner}: {name} must be a bool{' or None' if optional else ''}, got {_got(value)}")
+    return bool(value)
+
+
+def _int(owner: str, name: str, value: object) -> int:
+    """An int (not a bool, not a float); else a TypeError naming it."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int, got {_got(value)}")
     return int(value)
 
 
-def _nonnegative(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+def _real(owner: str, name: str, value: object) -> float:
+    """A real number (not a bool); else a TypeError naming it."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {_got(value)}")
     return float(value)
+
+
+def _positive_int(owner: str, name: str, value: object) -> int:
+    value = _int(owner, name, value)
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _nonnegative(owner: str, name: str, value: object) -> float:
+    value = _real(owner, name, value)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+    return value
 
 
 def _codes_in_layout(codebook: Tensor, indices: Tensor, dim: int) -> Tensor:
@@ -252,11 +285,29 @@ class VectorQuantizer(nn.Module):
         codebook_size = _positive_int(owner, "codebook_size", codebook_size)
         codebook_dim = dim if codebook_dim is None else _positive_int(owner, "codebook_dim", codebook_dim)
         heads = _positive_int(owner, "heads", heads)
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real)
-                                  or not 0.0 <= float(decay) < 1.0):
+        if decay is not None and not 0.0 <= _real(owner, "decay", decay) < 1.0:
             raise ValueError(f"{owner}: decay must be None (learned codebook) or in [0, 1), got {decay!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        if not _real(owner, "eps", eps) > 0:
             raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
+        separate_codebook_per_head = _bool(owner, "separate_codebook_per_head", separate_codebook_per_head)
+        freeze_codebook = _bool(owner, "freeze_codebook", freeze_codebook)
+        kmeans_init = _bool(owner, "kmeans_init", kmeans_init)
+        sync_kmeans = _bool(owner, "sync_kmeans", sync_kmeans)
+        use_cosine_sim = _bool(owner, "use_cosine_sim", use_cosine_sim)
+        layernorm_after_project_in = _bool(owner, "layernorm_after_project_in", layernorm_after_project_in)
+        channel_last = _bool(owner, "channel_last", channel_last)
+        accept_image_fmap = _bool(owner, "accept_image_fmap", accept_image_fmap)
+        accept_3d_fmap = _bool(owner, "accept_3d_fmap", accept_3d_fmap)
+        orthogonal_reg_active_codes_only = _bool(owner, "orthogonal_reg_active_codes_only",
+                                                 orthogonal_reg_active_codes_only)
+        stochastic_sample_codes = _bool(owner, "stochastic_sample_codes", stochastic_sample_codes)
+        rotation_trick = _bool(owner, "rotation_trick", rotation_trick, optional=True)
+        sync_codebook = _bool(owner, "sync_codebook", sync_codebook, optional=True)
+        ema_update = _bool(owner, "ema_update", ema_update, optional=True)
+        learnable_codebook = _bool(owner, "learnable_codebook", learnable_codebook, optional=True)
+        return_zeros_for_masked_padding = _bool(owner, "return_zeros_for_masked_padding",
+                                                return_zeros_for_masked_padding)
+        route_gradients_to_input = _bool(owner, "route_gradients_to_input", route_gradients_to_input)
         commitment_weight = _nonnegative(owner, "commitment_weight", commitment_weight)
         threshold_ema_dead_code = _nonnegative(owner, "threshold_ema_dead_code", threshold_ema_dead_code)
         orthogonal_reg_weight = _nonnegative(owner, "orthogonal_reg_weight", orthogonal_reg_weight)
@@ -706,15 +757,21 @@ class VectorQuantizer(nn.Module):
                 raise ValueError(f"VectorQuantizer.forward: argument {name} is not supported (cross-entropy "
                                  "losses, top-k codes, codebook transforms and weighted EMA updates are not "
                                  "implemented)")
-        if accum_ema_update:
+        owner = "VectorQuantizer.forward"
+        if _bool(owner, "accum_ema_update", accum_ema_update):
             raise ValueError("VectorQuantizer.forward: argument accum_ema_update is not supported")
+        freeze_codebook = _bool(owner, "freeze_codebook", freeze_codebook, optional=True)
+        return_loss_breakdown = _bool(owner, "return_loss_breakdown", return_loss_breakdown)
+        ema_update = _bool(owner, "ema_update", ema_update, optional=True)
+        if sample_codebook_temp is not None:
+            sample_codebook_temp = _nonnegative(owner, "sample_codebook_temp", sample_codebook_temp)
         self._check_input(x)
         mask = self._mask(x, mask, lens)
-        frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        temp = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         if ema_update and self.decay is None:
             raise ValueError("VectorQuantizer.forward: ema_update=True needs a float decay")
-        ema_update = self.ema_update if ema_update is None else bool(ema_update)
+        ema_update = self.ema_update if ema_update is None else ema_update
         # As VectorQuantize: the estimator only when the input itself asks for gradients.
         route = self.training and self.route_gradients_to_input and x.requires_grad
         update = (self.training and not frozen and self.decay is not None

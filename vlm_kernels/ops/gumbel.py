@@ -26,6 +26,7 @@ from ._common import (
     check_float_tensor,
     check_nonempty_dim,
     check_positive_finite,
+    describe,
     compiled_kernel,
     contiguous,
     eager_fast_path,
@@ -234,6 +235,14 @@ def _check_logits(op: str, logits: object, dim: object) -> int:
     return dim
 
 
+def _check_bool(op: str, name: str, value: object) -> bool:
+    """``value`` as a Python bool; a bool (or numpy bool) only: a string or tensor is a TypeError naming it."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)
+    got = describe(value) if isinstance(value, Tensor) else f"{type(value).__name__} {value!r}"
+    raise TypeError(f"{op}: {name} must be a bool, got {got}")
+
+
 def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1, *,
                    seed: SeedLike = None) -> Tensor:
     """Sample from the Gumbel-softmax distribution (``torch.nn.functional.gumbel_softmax`` semantics).
@@ -252,6 +261,7 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, dim: in
     dim = _check_logits("gumbel_softmax", logits, dim)
     tau = check_positive_finite("gumbel_softmax", "tau", tau)
     seed = seed_tensor("gumbel_softmax", seed)
+    hard = _check_bool("gumbel_softmax", "hard", hard)
     if eager_fast_path(logits):  # the op's own result, without its ~15 us of dispatch
         return _run("softmax_forward", contiguous(logits), int(seed.item()), tau, bool(hard), dim)
     return torch.ops.vlm_kernels.gumbel_softmax_forward(logits, seed, tau, bool(hard), dim)
