@@ -8,7 +8,20 @@
 #                      differs from the main venv's, so both builds live side by side in vlm_kernels/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON_OLDEST:-$(command -v python3.10 || command -v python3)}
+# A python3.10 that runs (a pyenv shim may exist for a version that is installed but not selected: then
+# the version's own binary is used), else python3.
+pick_python() {
+  local c
+  for c in "${PYTHON_OLDEST:-}" python3.10 "$(pyenv root 2>/dev/null)"/versions/3.10*/bin/python3.10 python3; do
+    if [ -n "$c" ] && "$c" -c "import sys" >/dev/null 2>&1; then
+      command -v "$c" || echo "$c"
+      return
+    fi
+  done
+  echo "no runnable Python for the oldest-torch venv" >&2
+  return 1
+}
+PYTHON=$(pick_python)
 VENV=.venv-oldest
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
