@@ -31,11 +31,17 @@ fi
 python -m pip install -q --upgrade pip
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.6.') else 1)" 2>/dev/null; then
   # shellcheck disable=SC2086
-  python -m pip install -q ${VLM_OLDEST_TORCH:-torch==2.6.0 triton==3.2.0}
+  python -m pip install -q ${VLM_OLDEST_TORCH:-torch==2.6.0 triton==3.2.0 torchvision==0.21.0}
 fi
 # The test dependencies (the peers that need a newer torch are left out: they skip).
-python -m pip install -q numpy pybind11 ninja pytest scipy matplotlib timm scikit-image tqdm hypothesis
+# Pinned to the pair just installed: otherwise timm's torchvision dependency would pull the newest
+# torchvision and, with it, the newest torch over the oldest one.
+mkdir -p build
+python -m pip freeze | grep -iE '^(torch|triton|torchvision)==' >build/oldest-constraints.txt
+python -m pip install -q -c build/oldest-constraints.txt numpy pybind11 ninja pytest scipy matplotlib timm \
+  scikit-image tqdm hypothesis
 python -c "import torch, triton; print('oldest pair: torch', torch.__version__, 'triton', triton.__version__)"
+python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.6.') or '${VLM_OLDEST_TORCH:-}' else 'the oldest-torch venv holds torch ' + torch.__version__)"
 # An in-place build lands in vlm_kernels/ under the Python's own file name; when that is the main venv's
 # too, the main build is put aside and restored on exit.
 SO=$(python -c "import sysconfig; print('vlm_kernels/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
