@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -95,7 +95,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("vlm_kernels::window_attention_forward", mutates_args=())
 def _wa_forward(qkv: Tensor, pad_qkv: Optional[Tensor], rel_pos_bias: Optional[Tensor], logit_scale: Optional[Tensor],
-                num_heads: int, window_size: List[int], shift_size: List[int], scale: float) -> Tuple[Tensor, Tensor]:
+                num_heads: int, window_size: List[int], shift_size: List[int], scale: float) -> tuple[Tensor, Tensor]:
     return _run("forward", contiguous(qkv), _opt(pad_qkv), _opt(rel_pos_bias), _opt(logit_scale), num_heads,
                 tuple(window_size), tuple(shift_size), scale)
 
@@ -112,7 +112,7 @@ def _(qkv, pad_qkv, rel_pos_bias, logit_scale, num_heads, window_size, shift_siz
 def _wa_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, pad_qkv: Optional[Tensor],
                  rel_pos_bias: Optional[Tensor], logit_scale: Optional[Tensor], num_heads: int,
                  window_size: List[int], shift_size: List[int], scale: float
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dqkv, dpad, dbias, dlogit = _run("backward", contiguous(grad_out).to(qkv.dtype), contiguous(qkv), contiguous(out),
                                      contiguous(lse), _opt(pad_qkv), _opt(rel_pos_bias), _opt(logit_scale),
                                      num_heads, tuple(window_size), tuple(shift_size), scale)
@@ -156,7 +156,7 @@ _wa_forward.register_autograd(_wa_backward_formula, setup_context=_wa_setup_cont
 
 @torch.library.custom_op("vlm_kernels::windowed_attention_forward", mutates_args=())
 def _wd_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                logit_scale: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+                logit_scale: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     return _run("windowed_forward", contiguous(q), contiguous(k), contiguous(v), _opt(bias), _opt(mask), scale,
                 _opt(logit_scale))
 
@@ -170,7 +170,7 @@ def _(q, k, v, bias, mask, logit_scale, scale):
 @torch.library.custom_op("vlm_kernels::windowed_attention_backward", mutates_args=())
 def _wd_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
                  mask: Optional[Tensor], logit_scale: Optional[Tensor], scale: float
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias, dlogit = _run("windowed_backward", contiguous(grad_out).to(q.dtype), contiguous(q),
                                      contiguous(k), contiguous(v), contiguous(out), contiguous(lse), _opt(bias),
                                      _opt(mask), scale, _opt(logit_scale))
