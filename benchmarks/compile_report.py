@@ -222,6 +222,17 @@ class _OfflineDriver:
     def get_device_capability(self, device=None):
         return (9, 0)
 
+    def get_benchmarker(self):  # Triton 3.2's Autotuner asks for it when built; nothing is timed offline
+        def refuse(*args, **kwargs):
+            raise RuntimeError("compile_report: no benchmarking offline (launches are captured, not run)")
+
+        return refuse
+
+    def get_empty_cache_for_benchmark(self):
+        import torch
+
+        return torch.empty(0)
+
 
 _captured: list[Launch] = []
 
