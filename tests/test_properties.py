@@ -395,29 +395,16 @@ def test_finding_vq_float64_code_whose_distance_overflows(backend):
     assert index.tolist() == [1] and math.isclose(float(distance), (0.0015 + 2.9343e-04) ** 2, rel_tol=1e-6)
 
 
-_COSINE_HUGE = ("cpu: cosine attention (v2) with head_dim 1 and |q| = 1e30 in float32 computes with q = 0 (its "
-                "norm taken as sqrt(q^2) = inf) while eager's F.normalize of a one-element vector is exact (q / |q| = 1); "
-                "fix pending in csrc/cpu/window_attention.cpp: normalise without squaring huge values (scale by "
-                "max |q_i| first; torch's one-element norm is |q|)")
-
-_COSINE_HUGE_TRITON = ("triton: cosine attention (v2) with head_dim 1 and |q| = 1e30 in float32 gives finite outputs "
-                       "that differ from eager's (F.normalize of a one-element vector is exact, q / |q| = 1; the "
-                       "kernel's norm squares q and overflows); fix pending in vlm_kernels/triton/window_attention.py "
-                       "(_row_norm): scale by max |q_i| before squaring")
-
-
 def _cosine_huge_params():
     for d in (1, 2, 4):
         yield pytest.param("reference", d, id=f"reference-d{d}")
-        yield pytest.param("cpu", d, id=f"cpu-d{d}", marks=[pytest.mark.xfail(strict=True, reason=_COSINE_HUGE)]
-                           if d == 1 else [])
-        yield pytest.param("triton", d, id=f"triton-d{d}", marks=[pytest.mark.xfail(strict=True, reason=_COSINE_HUGE_TRITON)]
-                           if d == 1 else [])
+        yield pytest.param("cpu", d, id=f"cpu-d{d}")
+        yield pytest.param("triton", d, id=f"triton-d{d}")
 
 
 @pytest.mark.parametrize("backend,head_dim", list(_cosine_huge_params()))
 def test_finding_cosine_attention_of_a_huge_query(backend, head_dim):
-    """v2 with one query element at 1e20 (float32; 1e30 for one channel): as eager. Eager's F.normalize
+    """v2 with one query element at 1e20 (float32; 1e30 for one channel): as eager, forward and backward. Eager's F.normalize
     divides by the norm, which for one channel is |q| (exact: q / |q| = 1) and for more overflows to inf
     (q / inf = 0, finite); the property runs draw huge values below 1e15 in v2 for this reason."""
     _skip_unless_runs(backend)
@@ -428,11 +415,17 @@ def test_finding_cosine_attention_of_a_huge_query(backend, head_dim):
     qkv[0, 0, 0, 0] = 1e30 if head_dim == 1 else 1e20
     bias = 4 * torch.randn(1, 2, 2, generator=g)
     logit_scale = torch.tensor([3.0])
-    expect = eager_window_attention(qkv, 1, (1, 2), (0, 0), bias, None, logit_scale)
+    dout = torch.randn(1, 1, 2, head_dim, generator=g)
+    x = qkv.clone().requires_grad_()
+    expect = eager_window_attention(x, 1, (1, 2), (0, 0), bias, None, logit_scale)
+    (expect_grad,) = torch.autograd.grad(expect, x, dout)
+    y = qkv.clone().requires_grad_()
     with vk.use_backend(backend):
-        got = vk.window_attention(qkv, num_heads=1, window_size=(1, 2), rel_pos_bias=bias, logit_scale=logit_scale)
-    assert torch.isfinite(expect).all()
+        got = vk.window_attention(y, num_heads=1, window_size=(1, 2), rel_pos_bias=bias, logit_scale=logit_scale)
+        (got_grad,) = torch.autograd.grad(got, y, dout)
+    assert torch.isfinite(expect).all() and torch.isfinite(expect_grad).all()
     assert_matches(got, expect, "out")
+    assert_matches(got_grad, expect_grad, "dqkv")
 
 
 def test_budget_mode_is_known():

@@ -626,7 +626,7 @@ struct Work {
   void normalise(acc_t* x, acc_t* norm, acc_t* den) const {
     acc_t sq = 0;
     for (int64_t c = 0; c < d; ++c) sq += x[c] * x[c];
-    *norm = std::sqrt(sq);
+    *norm = d == 1 ? std::abs(x[0]) : std::sqrt(sq);  // one channel: |x| exactly, as eager (no overflow)
     *den = std::max(*norm, static_cast<acc_t>(kNormEps));
     for (int64_t c = 0; c < d; ++c) x[c] = x[c] / *den;
   }
@@ -1188,7 +1188,7 @@ struct FastWork {
       const reg v = V::load(x + c);
       sq = V::fmadd(v, v, sq);
     }
-    const float norm = std::sqrt(V::hsum(sq));
+    const float norm = d == 1 ? std::fabs(x[0]) : std::sqrt(V::hsum(sq));  // one channel: |x|, as eager
     *den = std::max(norm, static_cast<float>(kNormEps));
     const reg dv = V::set1(*den);
     for (int64_t c = 0; c < d; c += W) V::store(x + c, V::div(V::load(x + c), dv));

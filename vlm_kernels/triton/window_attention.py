@@ -231,10 +231,13 @@ def _dot_split(a, a_op, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_norm(x):
-    """(|x|, max(|x|, eps)) per row, in fp32."""
+def _row_norm(x, d):
+    """(|x|, max(|x|, eps)) per row, in fp32 (d: the head dim; the columns past it are zeros). One channel:
+    |x| itself, as eager's norm of one element (exact: sqrt(x^2) would overflow for |x| > 1.8e19, and
+    F.normalize would give 1 where this gave 0)."""
     xf = x.to(tl.float32)
     norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+    norm = tl.where(d == 1, tl.abs(tl.sum(xf, axis=1)), norm)
     return norm, tl.maximum(norm, _EPS)
 
 
@@ -360,9 +363,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, 
         q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q)
+        q_norm, q_den = _row_norm(q, d)
         qo = _cos_operand(q, q_den, COSINE)
-        k_norm, k_den = _row_norm(k)
+        k_norm, k_den = _row_norm(k, d)
         ko = _cos_operand(k, k_den, COSINE)
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
@@ -421,9 +424,9 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
         v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         io_mask = real[:, None] & dmask[None, :]
         do = tl.load((do_ptr + (row * out_stride + out_col))[:, None] + dcol[None, :], mask=io_mask, other=0.0)
-        q_norm, q_den = _row_norm(q)
+        q_norm, q_den = _row_norm(q, d)
         qo = _cos_operand(q, q_den, COSINE)
-        k_norm, k_den = _row_norm(k)
+        k_norm, k_den = _row_norm(k, d)
         ko = _cos_operand(k, k_den, COSINE)
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
         # The forward's softmax, recomputed (padded tokens' query rows included: their gradient is 0
@@ -518,7 +521,7 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
     qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                BLOCK_M)
     q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q)
+    q_norm, q_den = _row_norm(q, d)
     qo = _cos_operand(q, q_den, COSINE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -528,7 +531,7 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k)
+        k_norm, k_den = _row_norm(k, d)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
@@ -574,7 +577,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                BLOCK_M)
     q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q)
+    q_norm, q_den = _row_norm(q, d)
     qo = _cos_operand(q, q_den, COSINE)
     io_mask = q_real[:, None] & dmask[None, :]
     do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask, other=0.0)
@@ -590,7 +593,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
             kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW,
                                                        MAP, BLOCK_N)
             k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k)
+            k_norm, k_den = _row_norm(k, d)
             ko = _cos_operand(k, k_den, COSINE)
             bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
             s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
@@ -607,7 +610,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k)
+        k_norm, k_den = _row_norm(k, d)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
@@ -629,7 +632,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k)
+        k_norm, k_den = _row_norm(k, d)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
@@ -683,7 +686,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                BLOCK_N)
     k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
     v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-    k_norm, k_den = _row_norm(k)
+    k_norm, k_den = _row_norm(k, d)
     ko = _cos_operand(k, k_den, COSINE)
     gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -691,7 +694,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                    BLOCK_M)
         q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q)
+        q_norm, q_den = _row_norm(q, d)
         qo = _cos_operand(q, q_den, COSINE)
         io_mask = q_real[:, None] & dmask[None, :]
         do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask,
