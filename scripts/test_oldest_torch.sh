@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The oldest supported torch (2.6, with its Triton 3.2): a second virtualenv in .venv-oldest with that
-# pair from the registry, the extension built against it (CPU kernels; its CUDA 12.4 build does not
-# match this machine's nvcc 13), then the test suite (Triton through its CPU interpreter).
+# The oldest supported torch (2.11, with its Triton 3.6: the H200 machine's stack): a second virtualenv in
+# .venv-oldest with that pair from the registry, on Python 3.12 as there, the extension built against it
+# (CPU kernels only: nvcc is not needed), then the test suite (Triton through its CPU interpreter).
+# torch 2.6 / Triton 3.2 was the floor until 2026-11-30; under it the Triton 3.2 interpreter segfaults in
+# the VQ lookup kernel and many Triton tests error, so the floor was raised (README, Install).
 # Extra arguments go to pytest.
-#   VLM_OLDEST_TORCH   pip spec of the oldest pair (default "torch==2.6.0 triton==3.2.0")
-#   PYTHON_OLDEST      its Python (default python3.10 where there is one: the extension's file name then
+#   VLM_OLDEST_TORCH   pip spec of the oldest pair (default "torch==2.11.0 triton==3.6.0 torchvision==0.26.0")
+#   PYTHON_OLDEST      its Python (default python3.12 where there is one: the extension's file name then
 #                      differs from the main venv's, so both builds live side by side in vlm_kernels/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A python3.10 that runs (a pyenv shim may exist for a version that is installed but not selected: then
+# A python3.12 that runs (a pyenv shim may exist for a version that is installed but not selected: then
 # the version's own binary is used), else python3.
 pick_python() {
   local c
-  for c in "${PYTHON_OLDEST:-}" python3.10 "$(pyenv root 2>/dev/null)"/versions/3.10*/bin/python3.10 python3; do
+  for c in "${PYTHON_OLDEST:-}" python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 python3; do
     if [ -n "$c" ] && "$c" -c "import sys" >/dev/null 2>&1; then
       command -v "$c" || echo "$c"
       return
@@ -29,9 +31,9 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.6.') else 1)" 2>/dev/null; then
+if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.11.') else 1)" 2>/dev/null; then
   # shellcheck disable=SC2086
-  python -m pip install -q ${VLM_OLDEST_TORCH:-torch==2.6.0 triton==3.2.0 torchvision==0.21.0}
+  python -m pip install -q ${VLM_OLDEST_TORCH:-torch==2.11.0 triton==3.6.0 torchvision==0.26.0}
 fi
 # The test dependencies (the peers that need a newer torch are left out: they skip).
 # Pinned to the pair just installed: otherwise timm's torchvision dependency would pull the newest
@@ -41,7 +43,7 @@ python -m pip freeze | grep -iE '^(torch|triton|torchvision)==' >build/oldest-co
 python -m pip install -q -c build/oldest-constraints.txt numpy pybind11 ninja pytest scipy matplotlib timm \
   scikit-image tqdm hypothesis
 python -c "import torch, triton; print('oldest pair: torch', torch.__version__, 'triton', triton.__version__)"
-python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.6.') or '${VLM_OLDEST_TORCH:-}' else 'the oldest-torch venv holds torch ' + torch.__version__)"
+python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.11.') or '${VLM_OLDEST_TORCH:-}' else 'the oldest-torch venv holds torch ' + torch.__version__)"
 # An in-place build lands in vlm_kernels/ under the Python's own file name; when that is the main venv's
 # too, the main build is put aside and restored on exit.
 SO=$(python -c "import sysconfig; print('vlm_kernels/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")

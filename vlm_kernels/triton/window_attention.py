@@ -231,13 +231,15 @@ def _dot_split(a, a_op, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_norm(x, d):
-    """(|x|, max(|x|, eps)) per row, in fp32 (d: the head dim; the columns past it are zeros). One channel:
-    |x| itself, as eager's norm of one element (exact: sqrt(x^2) would overflow for |x| > 1.8e19, and
-    F.normalize would give 1 where this gave 0)."""
+def _row_norm(x, ONE_CHANNEL: tl.constexpr):
+    """(|x|, max(|x|, eps)) per row, in fp32. ONE_CHANNEL (head dim 1; the other columns are zeros): |x|
+    itself, as eager's norm of one element (exact: sqrt(x^2) would overflow for |x| > 1.8e19 where
+    F.normalize gives +-1). A constexpr: the test costs the other head dims nothing."""
     xf = x.to(tl.float32)
-    norm = tl.sqrt(tl.sum(xf * xf, axis=1))
-    norm = tl.where(d == 1, tl.abs(tl.sum(xf, axis=1)), norm)
+    if ONE_CHANNEL:
+        norm = tl.abs(tl.sum(xf, axis=1))
+    else:
+        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
     return norm, tl.maximum(norm, _EPS)
 
 
@@ -336,8 +338,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, 
                 n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
                 in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                 MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                ONE_KIND: tl.constexpr, COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                ONE_KIND: tl.constexpr, COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     head = pid % heads
     w_start = (pid // heads) * windows_per_program
@@ -363,9 +365,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, 
         q = _load_rows(q_ptr, row, in_stride, in_col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         k = _load_rows(k_ptr, row, in_stride, in_col + k_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q, d)
+        q_norm, q_den = _row_norm(q, ONE_CHANNEL)
         qo = _cos_operand(q, q_den, COSINE)
-        k_norm, k_den = _row_norm(k, d)
+        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
         ko = _cos_operand(k, k_den, COSINE)
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
@@ -391,7 +393,7 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
                       n_windows, windows_per_program, H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d,
                       in_stride, in_head, k_off, v_off, out_stride, out_head,
                       MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     head = pid % heads
@@ -424,9 +426,9 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
         v = _load_rows(v_ptr, row, in_stride, in_col + v_off, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
         io_mask = real[:, None] & dmask[None, :]
         do = tl.load((do_ptr + (row * out_stride + out_col))[:, None] + dcol[None, :], mask=io_mask, other=0.0)
-        q_norm, q_den = _row_norm(q, d)
+        q_norm, q_den = _row_norm(q, ONE_CHANNEL)
         qo = _cos_operand(q, q_den, COSINE)
-        k_norm, k_den = _row_norm(k, d)
+        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
         ko = _cos_operand(k, k_den, COSINE)
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
         # The forward's softmax, recomputed (padded tokens' query rows included: their gradient is 0
@@ -505,8 +507,8 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
                       H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
                       in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                       MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                      COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_M)
     mb = pid % n_blocks
@@ -521,7 +523,7 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
     qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                BLOCK_M)
     q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q, d)
+    q_norm, q_den = _row_norm(q, ONE_CHANNEL)
     qo = _cos_operand(q, q_den, COSINE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -531,7 +533,7 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, d)
+        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
@@ -555,7 +557,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, COSINE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Per query block: the renormaliser and D of each row, then dq, the bias and logit-scale terms.
 
@@ -577,7 +579,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                BLOCK_M)
     q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q, d)
+    q_norm, q_den = _row_norm(q, ONE_CHANNEL)
     qo = _cos_operand(q, q_den, COSINE)
     io_mask = q_real[:, None] & dmask[None, :]
     do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask, other=0.0)
@@ -593,7 +595,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
             kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW,
                                                        MAP, BLOCK_N)
             k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k, d)
+            k_norm, k_den = _row_norm(k, ONE_CHANNEL)
             ko = _cos_operand(k, k_den, COSINE)
             bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
             s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
@@ -610,7 +612,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, d)
+        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
@@ -632,7 +634,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                    BLOCK_N)
         k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, d)
+        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
         ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
@@ -668,7 +670,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     COSINE: tl.constexpr,
+                     COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Per key block: dk and dv over the query blocks (FA2's column pass), from the rows' statistics."""
     pid = tl.program_id(0)
@@ -686,7 +688,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                                                BLOCK_N)
     k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
     v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-    k_norm, k_den = _row_norm(k, d)
+    k_norm, k_den = _row_norm(k, ONE_CHANNEL)
     ko = _cos_operand(k, k_den, COSINE)
     gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -694,7 +696,7 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
                                                    BLOCK_M)
         q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q, d)
+        q_norm, q_den = _row_norm(q, ONE_CHANNEL)
         qo = _cos_operand(q, q_den, COSINE)
         io_mask = q_real[:, None] & dmask[None, :]
         do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask,
@@ -851,6 +853,12 @@ def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None else t
 
 
+def _flags(geo: _Geometry, pad, cosine: bool, prec) -> dict:
+    """The constexprs every forward and backward kernel takes."""
+    return dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=pad is not None, COSINE=cosine,
+                ONE_CHANNEL=cosine and geo.d == 1, DOT_PREC=prec)
+
+
 def _forward(q, k, v, pad, bias, mask, logit_scale, out, lse, scale, geo: _Geometry, n_windows: int):
     prec = _dot_precision(q.dtype)
     one_tile = _one_tile(geo, prec, backward=False)
@@ -858,7 +866,7 @@ def _forward(q, k, v, pad, bias, mask, logit_scale, out, lse, scale, geo: _Geome
     bm = _bias_mask_table(geo, bias, mask, q.device, npad)
     cosine = logit_scale is not None
     common = (_or(pad, q), bm, _or(logit_scale, q), out, lse, float(scale))
-    flags = dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=pad is not None, COSINE=cosine, DOT_PREC=prec)
+    flags = _flags(geo, pad, cosine, prec)
     if one_tile:
         per_program = _windows_per_program(n_windows, geo.heads, FWD_PROGRAMS)
         grid = (triton.cdiv(n_windows, per_program) * geo.heads,)
@@ -885,7 +893,7 @@ def _backward(q, k, v, pad, bias, mask, logit_scale, do, lse, dq, dk, dv, scale,
     dummy = torch.zeros(1, **f32)
     inputs = (q, k, v, _or(pad, q), bm, _or(logit_scale, q), do)
     cosine = logit_scale is not None
-    flags = dict(MH=geo.MH, MW=geo.MW, MAP=geo.map_layout, HAS_PAD=pad is not None, COSINE=cosine, DOT_PREC=prec)
+    flags = _flags(geo, pad, cosine, prec)
     if one_tile:
         per_program = _windows_per_program(n_windows, geo.heads, BWD_PROGRAMS)
         grid = (triton.cdiv(n_windows, per_program) * geo.heads,)
