@@ -503,15 +503,13 @@ def _block_tokens(blk, w, b, wy, wx, head, H, W, shy, shx, heads, N,
 
 
 @triton.jit
-def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, scale,
-                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
-                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
-                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _tiled_program(N, nW, nWw, last_y, last_x, n_kinds, heads, d, in_head, NT, ls_ptr, bm_ptr,
+                   MAP: tl.constexpr, COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block (of BLOCK tokens), head and window, block fastest, and what every block of
+    that window and head shares: (blk, head, w, b, wy, wx, dcol, dmask, in_col, t, bm_tile)."""
     pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    mb = pid % n_blocks
+    n_blocks = tl.cdiv(N, BLOCK)
+    blk = pid % n_blocks
     head = (pid // n_blocks) % heads
     w = pid // (n_blocks * heads)
     b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
@@ -520,21 +518,41 @@ def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse
     in_col = head * in_head
     t = _logit_multiplier(ls_ptr, head, COSINE)
     bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
-    qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                               BLOCK_M)
-    q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q, ONE_CHANNEL)
-    qo = _cos_operand(q, q_den, COSINE)
+    return blk, head, w, b, wy, wx, dcol, dmask, in_col, t, bm_tile
+
+
+@triton.jit
+def _block_operand(x_ptr, col, blk, w, b, wy, wx, head, H, W, shy, shx, heads, N, in_stride, dcol, dmask, pad_ptr,
+                   MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                   COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``blk`` of the window's q or k rows (channels from ``col``): (index, row, valid, real, x,
+    |x|, max(|x|, eps), the q k^T dot operand)."""
+    i, row, valid, real = _block_tokens(blk, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP, BLOCK)
+    x = _load_rows(x_ptr, row, in_stride, col, dcol, dmask, valid, real, pad_ptr, HAS_PAD)
+    norm, den = _row_norm(x, ONE_CHANNEL)
+    return i, row, valid, real, x, norm, den, _cos_operand(x, den, COSINE)
+
+
+@triton.jit
+def _fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, scale,
+                      H, W, nW, nWw, last_y, last_x, shy, shx, n_kinds, heads, N, d, NT,
+                      in_stride, in_head, k_off, v_off, out_stride, out_head, lse_stride, lse_head,
+                      MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                      COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    mb, head, w, b, wy, wx, dcol, dmask, in_col, t, bm_tile = _tiled_program(
+        N, nW, nWw, last_y, last_x, n_kinds, heads, d, in_head, NT, ls_ptr, bm_ptr, MAP, COSINE, BLOCK_M, BLOCK_D)
+    qi, q_row, q_valid, q_real, q, q_norm, q_den, qo = _block_operand(
+        q_ptr, in_col, mb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+        in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, tl.cdiv(N, BLOCK_N)):
-        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                                   BLOCK_N)
-        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        kj, k_row, k_valid, k_real, k, k_norm, k_den, ko = _block_operand(
+            k_ptr, in_col + k_off, nb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+            in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_N)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
-        ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
@@ -565,22 +583,11 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     autograd of timm's math: their lse is recomputed here (sweep 0), their incoming gradient is 0, and
     0 * NaN stays NaN (the non-finite contract). The lse used per row goes to ``lse2_ptr`` for the
     column pass."""
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    mb = pid % n_blocks
-    head = (pid // n_blocks) % heads
-    w = pid // (n_blocks * heads)
-    b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
-    bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
-    qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                               BLOCK_M)
-    q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-    q_norm, q_den = _row_norm(q, ONE_CHANNEL)
-    qo = _cos_operand(q, q_den, COSINE)
+    mb, head, w, b, wy, wx, dcol, dmask, in_col, t, bm_tile = _tiled_program(
+        N, nW, nWw, last_y, last_x, n_kinds, heads, d, in_head, NT, ls_ptr, bm_ptr, MAP, COSINE, BLOCK_M, BLOCK_D)
+    qi, q_row, q_valid, q_real, q, q_norm, q_den, qo = _block_operand(
+        q_ptr, in_col, mb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+        in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_M)
     io_mask = q_real[:, None] & dmask[None, :]
     do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask, other=0.0)
     lse2 = tl.load(lse_ptr + (q_row * lse_stride + head * lse_head), mask=q_real, other=float("inf")) * _LOG2E
@@ -592,11 +599,9 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
         m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l0 = tl.zeros([BLOCK_M], tl.float32)
         for nb in range(0, n_kb):
-            kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW,
-                                                       MAP, BLOCK_N)
-            k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-            k_norm, k_den = _row_norm(k, ONE_CHANNEL)
-            ko = _cos_operand(k, k_den, COSINE)
+            kj, k_row, k_valid, k_real, k, k_norm, k_den, ko = _block_operand(
+                k_ptr, in_col + k_off, nb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+                in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_N)
             bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
             s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
             m_new = tl.maximum(m0, tl.max(s2, axis=1))
@@ -608,12 +613,10 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     rsum = tl.zeros([BLOCK_M], tl.float32)
     esum = tl.zeros([BLOCK_M], tl.float32)
     for nb in range(0, n_kb):
-        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                                   BLOCK_N)
-        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        kj, k_row, k_valid, k_real, k, k_norm, k_den, ko = _block_operand(
+            k_ptr, in_col + k_off, nb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+            in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_N)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
-        ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         cos = _dot(qo, tl.trans(ko), DOT_PREC)
         s2 = _logits2(cos, t, scale, bm, COSINE)
@@ -630,12 +633,10 @@ def _bwd_rows_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
     # Sweep 2: ds = p (dp - D); dq, the bias and logit-scale terms.
     g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, n_kb):
-        kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                                   BLOCK_N)
-        k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+        kj, k_row, k_valid, k_real, k, k_norm, k_den, ko = _block_operand(
+            k_ptr, in_col + k_off, nb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+            in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_N)
         v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-        k_norm, k_den = _row_norm(k, ONE_CHANNEL)
-        ko = _cos_operand(k, k_den, COSINE)
         bm = tl.load(bm_tile + (qi[:, None] * NT + kj[None, :]))
         s2 = _logits2(_dot(qo, tl.trans(ko), DOT_PREC), t, scale, bm, COSINE)
         p = tl.where(q_valid[:, None], tl.exp2(s2 - lse2[:, None]), 0.0) * rinv[:, None]
@@ -673,31 +674,18 @@ def _bwd_cols_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr, lse_p
                      COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Per key block: dk and dv over the query blocks (FA2's column pass), from the rows' statistics."""
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    nb = pid % n_blocks
-    head = (pid // n_blocks) % heads
-    w = pid // (n_blocks * heads)
-    b, wy, wx, kind = _window(w, nW, nWw, last_y, last_x, n_kinds, MAP)
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
-    bm_tile = bm_ptr + tl.cast(head * n_kinds + kind, tl.int64) * NT * NT
-    kj, k_row, k_valid, k_real = _block_tokens(nb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                               BLOCK_N)
-    k = _load_rows(k_ptr, k_row, in_stride, in_col + k_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
+    nb, head, w, b, wy, wx, dcol, dmask, in_col, t, bm_tile = _tiled_program(
+        N, nW, nWw, last_y, last_x, n_kinds, heads, d, in_head, NT, ls_ptr, bm_ptr, MAP, COSINE, BLOCK_N, BLOCK_D)
+    kj, k_row, k_valid, k_real, k, k_norm, k_den, ko = _block_operand(
+        k_ptr, in_col + k_off, nb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+        in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_N)
     v = _load_rows(v_ptr, k_row, in_stride, in_col + v_off, dcol, dmask, k_valid, k_real, pad_ptr, HAS_PAD)
-    k_norm, k_den = _row_norm(k, ONE_CHANNEL)
-    ko = _cos_operand(k, k_den, COSINE)
     gk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for mb in range(0, tl.cdiv(N, BLOCK_M)):
-        qi, q_row, q_valid, q_real = _block_tokens(mb, w, b, wy, wx, head, H, W, shy, shx, heads, N, MH, MW, MAP,
-                                                   BLOCK_M)
-        q = _load_rows(q_ptr, q_row, in_stride, in_col, dcol, dmask, q_valid, q_real, pad_ptr, HAS_PAD)
-        q_norm, q_den = _row_norm(q, ONE_CHANNEL)
-        qo = _cos_operand(q, q_den, COSINE)
+        qi, q_row, q_valid, q_real, q, q_norm, q_den, qo = _block_operand(
+            q_ptr, in_col, mb, w, b, wy, wx, head, H, W, shy, shx, heads, N,
+            in_stride, dcol, dmask, pad_ptr, MH, MW, MAP, HAS_PAD, COSINE, ONE_CHANNEL, BLOCK_M)
         io_mask = q_real[:, None] & dmask[None, :]
         do = tl.load(do_ptr + (q_row[:, None] * out_stride + (head * out_head + dcol)[None, :]), mask=io_mask,
                      other=0.0)
