@@ -40,7 +40,10 @@ fi
 # torchvision and, with it, the newest torch over the oldest one.
 mkdir -p build
 python -m pip freeze | grep -iE '^(torch|triton|torchvision)==' >build/oldest-constraints.txt
-python -m pip install -q -c build/oldest-constraints.txt numpy pybind11 ninja pytest scipy matplotlib timm \
+# numpy < 2.4: Triton 3.6's interpreter turns 1-element arrays into Python ints with int(array), which
+# numpy 2.4 made an error (every Triton kernel with a runtime loop bound fails under TRITON_INTERPRET=1;
+# compiled GPU kernels are not affected; fixed in Triton 3.7; vlm_kernels says so in its backend reasons).
+python -m pip install -q -c build/oldest-constraints.txt "numpy<2.4" pybind11 ninja pytest scipy matplotlib timm \
   scikit-image tqdm hypothesis
 python -c "import torch, triton; print('oldest pair: torch', torch.__version__, 'triton', triton.__version__)"
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.11.') or '${VLM_OLDEST_TORCH:-}' else 'the oldest-torch venv holds torch ' + torch.__version__)"

@@ -48,3 +48,27 @@ def test_python_m_vlm_kernels_info():
     assert proc.returncode == 0, proc.stderr
     for name in ("reference", "cpu", "triton", "cuda"):
         assert name in proc.stdout
+
+
+def test_triton_interpreter_with_a_numpy_it_cannot_run_is_explained(monkeypatch):
+    """Triton < 3.7's interpreter calls int() on one-element arrays, an error since numpy 2.4: the triton
+    backend then names the pair and the fix instead of failing inside a kernel."""
+    import numpy
+    import triton
+    import torch
+
+    from vlm_kernels import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, bad in [("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False),
+                                               ("3.7.0", "2.5.1", False), ("3.2.0+git1", "2.4.6", True)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        _backend._interpreter_numpy_reason.cache_clear()
+        reason = _backend._interpreter_numpy_reason()
+        assert bool(reason) == bad, (triton_version, numpy_version, reason)
+        if bad:
+            assert "numpy<2.4" in reason and triton_version in reason
+            if _backend.availability("triton").ok:
+                assert _backend.device_reason("triton", torch.device("cpu")) == reason
+    _backend._interpreter_numpy_reason.cache_clear()

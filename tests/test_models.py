@@ -239,9 +239,12 @@ def test_a_few_training_steps_lower_the_loss(name):
     torch.manual_seed(0)
     model = MODELS[name]()
     x = images(8, 32 if name == "vit" else 16)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # The ViT oscillates at 3e-3 on 8 images (flat after 15 steps under torch 2.11's initialisation):
+    # a lower rate, more steps.
+    lr, steps = (1e-3, 25) if name == "vit" else (3e-3, 15)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    for _ in range(15):
+    for _ in range(steps):
         loss = loss_of(name, model, x)
         opt.zero_grad()
         loss.backward()

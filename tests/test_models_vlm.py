@@ -134,7 +134,8 @@ def test_a_few_training_steps_lower_the_loss(name):
     torch.manual_seed(0)
     if name == "swin":
         m, x, y = tiny_swin(), images(8, 3, 32), torch.arange(8) % 5
-        losses = _train(m, lambda: F.cross_entropy(m(x), y), steps=30, lr=1e-2)
+        # 1e-2 spikes and stalls under torch 2.11's initialisation (loss 1.59 -> 2.07 in 30 steps)
+        losses = _train(m, lambda: F.cross_entropy(m(x), y), steps=30, lr=3e-3)
     elif name == "trocr":
         m, (x, t) = tiny_trocr(), ocr_batch(8)
         losses = _train(m, lambda: m.loss(x, t))

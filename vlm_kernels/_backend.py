@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import threading
@@ -169,6 +170,23 @@ def triton_compile_only() -> bool:
     return _triton_compile_only
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_numpy_reason() -> str:
+    """Triton < 3.7's interpreter turns one-element arrays into Python ints with ``int(array)``, an error
+    since numpy 2.4: every kernel with a runtime loop bound then fails. '' when the pair works."""
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (it needs "
+                "numpy < 2.4; fixed in Triton 3.7): pip install 'numpy<2.4' to run triton on CPU tensors")
+    return ""
+
+
 def device_reason(name: str, device: torch.device) -> str:
     """Why backend ``name`` cannot run on tensors of ``device`` ('' when it can)."""
     avail = availability(name)
@@ -184,6 +202,8 @@ def device_reason(name: str, device: torch.device) -> str:
     if name == "triton":
         if device.type == "cpu" and not (triton_interpreted() or triton_compile_only()):
             return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+        if device.type == "cpu" and triton_interpreted() and _interpreter_numpy_reason():
+            return _interpreter_numpy_reason()
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device.type} tensors"
     return ""
