@@ -331,6 +331,24 @@ def _bias_mask_kernel(bias_ptr, mask_ptr, bm_ptr, heads, n_kinds, N, cut_y, cut_
 # Forward, windows of one tile: several windows of one head per program.
 
 
+@triton.jit
+def _one_tile_program(n_windows, windows_per_program, n_kinds, heads, N, d, in_head, out_head, ls_ptr, bm_ptr,
+                      MW: tl.constexpr, COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head and run of windows [w_start, w_end) in the one-tile kernels (heads fastest),
+    and the window-independent indexing: (head, w_start, w_end, idx, ty, tx, valid, dcol, dmask, in_col,
+    out_col, t, bm_head, tile)."""
+    pid = tl.program_id(0)
+    head = pid % heads
+    w_start = (pid // heads) * windows_per_program
+    w_end = tl.minimum(w_start + windows_per_program, n_windows)
+    idx = tl.arange(0, BLOCK)
+    dcol = tl.arange(0, BLOCK_D)
+    t = _logit_multiplier(ls_ptr, head, COSINE)
+    bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
+    return (head, w_start, w_end, idx, idx // MW, idx % MW, idx < N, dcol, dcol < d, head * in_head,
+            head * out_head, t, bm_head, idx[:, None] * BLOCK + idx[None, :])
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY + ["ONE_KIND"],
                  prune_configs_by={"early_config_prune": _prune_by_dot})
 @triton.jit
@@ -340,21 +358,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, out_ptr, lse_ptr, 
                 MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
                 ONE_KIND: tl.constexpr, COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr, BLOCK: tl.constexpr,
                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    head = pid % heads
-    w_start = (pid // heads) * windows_per_program
-    w_end = tl.minimum(w_start + windows_per_program, n_windows)
-    idx = tl.arange(0, BLOCK)
-    ty = idx // MW
-    tx = idx % MW
-    valid = idx < N
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    out_col = head * out_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
-    bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
-    tile = idx[:, None] * BLOCK + idx[None, :]
+    head, w_start, w_end, idx, ty, tx, valid, dcol, dmask, in_col, out_col, t, bm_head, tile = _one_tile_program(
+        n_windows, windows_per_program, n_kinds, heads, N, d, in_head, out_head, ls_ptr, bm_ptr, MW, COSINE, BLOCK,
+        BLOCK_D)
     if ONE_KIND:
         bm = tl.load(bm_head + tile)
     for w in range(w_start, w_end):
@@ -395,21 +401,9 @@ def _bwd_fused_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, bm_ptr, ls_ptr, do_ptr,
                       MH: tl.constexpr, MW: tl.constexpr, MAP: tl.constexpr, HAS_PAD: tl.constexpr,
                       HAS_BIAS: tl.constexpr, COSINE: tl.constexpr, ONE_CHANNEL: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    head = pid % heads
-    w_start = (pid // heads) * windows_per_program
-    w_end = tl.minimum(w_start + windows_per_program, n_windows)
-    idx = tl.arange(0, BLOCK)
-    ty = idx // MW
-    tx = idx % MW
-    valid = idx < N
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < d
-    in_col = head * in_head
-    out_col = head * out_head
-    t = _logit_multiplier(ls_ptr, head, COSINE)
-    bm_head = bm_ptr + head * (n_kinds * BLOCK * BLOCK)
-    tile = idx[:, None] * BLOCK + idx[None, :]
+    head, w_start, w_end, idx, ty, tx, valid, dcol, dmask, in_col, out_col, t, bm_head, tile = _one_tile_program(
+        n_windows, windows_per_program, n_kinds, heads, N, d, in_head, out_head, ls_ptr, bm_ptr, MW, COSINE, BLOCK,
+        BLOCK_D)
     dbias_acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     dt_acc = tl.zeros([BLOCK], tl.float32)
     dpq_acc = tl.zeros([BLOCK_D], tl.float32)
