@@ -145,13 +145,19 @@ def expected_answer(ex):
         return "yes" if strictly(a, b, m[2]) else "no"
     if m := re.fullmatch(r"is there a (\w+) (\w+) \?", q):
         return "yes" if any(s.colour == m[1] and s.kind == m[2] for s in scene.shapes) else "no"
+    if m := re.fullmatch(r"which (row|column) is the (.+) in \?", q):
+        s = resolve(scene, m[2])
+        x0, y0, x1, y1 = box(s)  # the cell from the box alone: 12-pixel cells, counted from 1
+        lo, hi = (y0, y1) if m[1] == "row" else (x0, x1)
+        assert int(lo // tl.CELL) == int(hi // tl.CELL)
+        return str(int(lo // tl.CELL) + 1)
     if q == tl.CAPTION_PROMPT:
         order = sorted(scene.shapes, key=lambda s: (s.cy // tl.CELL, s.cx // tl.CELL))
         return " , ".join(f"{s.colour} {s.kind}" for s in order)
     raise AssertionError(f"no template matches {q!r}")
 
 
-@pytest.mark.parametrize("qtype", tl.QUESTION_TYPES + ("caption",))
+@pytest.mark.parametrize("qtype", tl.QUESTION_TYPES + (tl.LOCATE, "caption"))
 @pytest.mark.parametrize("stream", ["questions", "eval"])
 def test_answers_agree_with_the_scene_description(qtype, stream):
     for ex in examples(stream, qtype):
@@ -165,6 +171,8 @@ def test_answers_are_balanced_and_cover_the_vocabulary():
         assert set(answers[q]) == {"yes", "no"} and min(answers[q].values()) > 0.4 * 600, answers[q]
     assert set(answers["colour"]) == set(tl.COLOUR_NAMES)
     assert set(answers["count"]) == {"0", "1", "2", "3", "4"}
+    where = collections.Counter((ex.prompt.split()[1], ex.answer) for ex in examples("questions", tl.LOCATE, 600))
+    assert set(where) == {(axis, str(i)) for axis in ("row", "column") for i in range(1, tl.GRID + 1)}
     templates = {re.sub(r"\b(" + "|".join(tl.KINDS + tl.COLOUR_NAMES) + r")s?\b", "X", ex.prompt)
                  for q in tl.QUESTION_TYPES for ex in examples("questions", q, 200)}
     assert {"how many shapes are there ?", "how many X are there ?", "what color is the X ?",
@@ -202,10 +210,10 @@ def test_tokenizer_and_answer_only_labels():
 
 
 def test_accuracy_table_is_exact_match_per_type():
-    exs = [tl.make_example("eval", 0, i, q) for i, q in enumerate(("colour", "colour", "count", "caption"))]
-    preds = [exs[0].answer, "no", exs[2].answer + " ", exs[3].answer]
-    table = tl.accuracy_table(exs, preds)
-    assert table == {"colour": 0.5, "count": 0.0, "caption": 1.0, "overall": 1 / 3}
+    exs = [tl.make_example("eval", 0, i, q) for i, q in enumerate(("colour", "colour", "count", "caption", "where"))]
+    preds = [exs[0].answer, "no", exs[2].answer + " ", exs[3].answer, exs[4].answer]
+    table = tl.accuracy_table(exs, preds)  # overall: the evaluated types only (not captions, not "where")
+    assert table == {"colour": 0.5, "count": 0.0, "caption": 1.0, "where": 1.0, "overall": 1 / 3}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +251,7 @@ def test_text_loss_is_next_token_cross_entropy_after_the_image_positions():
 def test_tiny_end_to_end_run(tmp_path):
     result = tl.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
     for key in ("stage1", "stages12"):
-        assert set(result[key]) == set(tl.QUESTION_TYPES) | {"caption", "overall"}
+        assert set(result[key]) == set(tl.QUESTION_TYPES) | {"caption", tl.LOCATE, "overall"}
         assert all(0.0 <= v <= 1.0 for v in result[key].values())
     assert {r["phase"] for r in result["timing"]} >= {"0a encoder", "0b decoder LM", "1 projector",
                                                      "2 projector+decoder", "total"}
@@ -268,6 +276,22 @@ def test_grid_position_code_tells_every_cell_apart_and_orders_rows_and_columns()
     assert (rows[::tl.GRID, 7].diff() > 0).all() and (cols[:tl.GRID, 7].diff() > 0).all()
     with pytest.raises(ValueError, match="multiple of 4"):
         tl.grid_position_code(4, 30)
-    args = tl.parse_args(["--quick"])
+    args = tl.parse_args(["--quick", "--grid-code", "sincos", "--grid-scale", "1"])
     model = tl.build_model(args, tl.WordTokenizer())
     torch.testing.assert_close(model.embed_positions[0, :tl.GRID ** 2], tl.grid_position_code(tl.GRID, args.dim))
+
+
+def test_grid_block_code_is_one_block_per_row_and_per_column():
+    code = tl.grid_block_code(tl.GRID, 32, 3.0)
+    assert code.shape == (tl.GRID * tl.GRID, 32) and set(code.unique().tolist()) == {0.0, 3.0}
+    rows, cols = code[:, :16], code[:, 16:]
+    row_of, col_of = torch.arange(len(code)) // tl.GRID, torch.arange(len(code)) % tl.GRID
+    for half, idx in ((rows, row_of), (cols, col_of)):
+        gram = half @ half.T  # the same row (column): 4 channels of 3 * 3; another: orthogonal
+        torch.testing.assert_close(gram, (idx[:, None] == idx[None, :]).float() * 36)
+    assert torch.cdist(code, code).add(torch.eye(len(code)) * 99).min() > 8  # all cells distinct
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tl.grid_block_code(4, 36)
+    args = tl.parse_args(["--quick"])  # the default code
+    model = tl.build_model(args, tl.WordTokenizer())
+    torch.testing.assert_close(model.embed_positions[0, :tl.GRID ** 2], tl.grid_block_code(tl.GRID, args.dim, 3.0))
