@@ -176,12 +176,9 @@ def _interpreter_numpy_reason() -> str:
     since numpy 2.4: every kernel with a runtime loop bound then fails. '' when the pair works."""
     import numpy
     import triton
+    from torch.torch_version import TorchVersion  # PEP 440 comparison against tuples
 
-    def version(text: str) -> tuple[int, int]:
-        major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+    if TorchVersion(triton.__version__) < (3, 7) and TorchVersion(numpy.__version__) >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (it needs "
                 "numpy < 2.4; fixed in Triton 3.7): pip install 'numpy<2.4' to run triton on CPU tensors")
     return ""
