@@ -339,8 +339,14 @@ def gumbel_cases() -> list[Case]:
         n = -(-8192 // (m["BC"] if m["LAST_DIM"] else m["BR"]))
         return {0: n, 1: n}
 
+    # The split soft forward: its largest loop merges the strip's partials, run by one program of the strip
+    # (n_splits / NSB trips there, 4 of 64 programs' worth at K = 8192: counted as none); the poll loop
+    # waits on one atomic (counted once). The fix-up kernel's chunk loop runs only for chunks whose program
+    # gave up waiting: none when the strip's programs run together.
     trips = {"_gumbel_argmax_kernel": chunks, "_gumbel_hard_fwd_kernel": chunks,
-             "_gumbel_softmax_fwd_kernel": chunks, "_gumbel_softmax_bwd_kernel": chunks}
+             "_gumbel_softmax_fwd_kernel": chunks, "_gumbel_softmax_bwd_kernel": chunks,
+             "_gumbel_softmax_split_kernel": lambda m: {0: 0, 1: 1},
+             "_gumbel_softmax_split_fixup_kernel": lambda m: {0: 0}}
     out = []
     for label, shape, dim in (("(64,8192,32,32) dim=1", (64, 8192, 32, 32), 1),
                               ("(65536,8192) dim=-1", (65536, 8192), -1)):
@@ -484,7 +490,8 @@ def dynamic_count(sass: Sass, trips: dict[int, int]) -> tuple[float, float, bool
     """(warp instructions, issue slots) one warp executes, and whether that is a lower bound.
 
     Loops are ranked by static body size, largest first (rank 0); ``trips[rank]`` is how many times that
-    loop runs each time it is entered (nested loops multiply). Loops without a trip count run once."""
+    loop runs each time it is entered (nested loops multiply; 0 for a loop the usual path never enters).
+    Loops without a trip count run once."""
     loops = sorted(sass.loops, key=lambda lp: -lp[2])
     rank = {(lp[0], lp[1]): i for i, lp in enumerate(loops)}
 
@@ -492,7 +499,7 @@ def dynamic_count(sass: Sass, trips: dict[int, int]) -> tuple[float, float, bool
         f = 1.0
         for lp in loops:
             if lp[0] <= addr <= lp[1]:
-                f *= max(1, trips.get(rank[(lp[0], lp[1])], 1))
+                f *= max(0, trips.get(rank[(lp[0], lp[1])], 1))
         return f
 
     if not loops:

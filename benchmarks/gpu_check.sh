@@ -128,6 +128,9 @@ say "== 3. headline targets =="
 runner "$(cap 200 300)" --mode headline --ops window_attention,vq
 wait_build
 runner "$(cap 120 240)" --mode headline --ops gumbel,overhead --append
+if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 250 ]; then  # did the split Gumbel plan's programs wait or give up?
+  timeout -k 5 30 "$PY" -c "from benchmarks.bench_gumbel import split_plan_report; split_plan_report()" 2>&1 | tee -a "$LOG"
+fi
 
 say "== 4. correctness on the GPU (cuda-marked tests, one process per file) =="
 TESTS_DIR=$(mktemp -d)

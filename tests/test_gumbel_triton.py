@@ -2,8 +2,9 @@
 
 tests/test_gumbel.py runs the Triton backend at its default plans on small shapes (single-pass tiles);
 here ``max_block`` lowers the tile limit so the same small tensors take every path the production shapes
-take: wide column strips looped along K with the next chunk prefetched (soft forward, argmax, hard
-forward, backward), masked and unmasked chunks, aligned and unaligned noise, and rows read once for the
+take: wide column strips looped along K with the next chunk prefetched (argmax, hard forward, backward,
+the soft forward's looped plan) or split along K across programs (the soft forward's split plan), masked
+and unmasked chunks, aligned and unaligned noise, and rows read once for the
 hard sample. The noise contract itself is tested in tests/test_gumbel_noise.py.
 """
 
@@ -66,6 +67,47 @@ def test_looped_paths_match_reference(shape, dim, max_block):
         _check_forward(_logits(shape, dtype), dim, max_block)
 
 
+COLUMNS_LOOPED = [case for case in LOOPED if case[1] % len(case[0]) != len(case[0]) - 1]
+
+
+@pytest.mark.parametrize("shape,dim,max_block", COLUMNS_LOOPED)
+def test_column_soft_forward_split_and_looped_plans_match_reference(shape, dim, max_block, monkeypatch):
+    """Long columns: the split plan (K across programs, statistics merged through memory; the default) and
+    the looped plan (one program per strip, two passes) both give the reference's soft sample."""
+    d = dim % len(shape)
+    for split in (True, False):
+        monkeypatch.setattr(tg, "SPLIT_COLUMNS", split)
+        for dtype in DTYPES:
+            x = _logits(shape, dtype)
+            got = tg.gumbel_softmax_forward(x, 77, 0.6, False, d, max_block=max_block)
+            expect = ref.gumbel_softmax_forward(x, 77, 0.6, False, d)
+            torch.testing.assert_close(got.double(), expect.double(), atol=ATOL[dtype], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,dim,max_block", COLUMNS_LOOPED)
+def test_split_plan_chunks_agree_bit_for_bit_whichever_way_they_are_written(shape, dim, max_block):
+    """The interpreter runs the programs one after another, so every program but a strip's last gives up
+    waiting and the fix-up kernel writes its chunk; replaying the launch with the strip statistics already
+    published makes every program take the path a GPU takes (read the statistics, write from registers).
+    Both must give the same bits, and the plan must split K into several chunks."""
+    d = dim % len(shape)
+    x = _logits(shape, torch.float32)
+    grid, sizes, n_strips, meta = tg._split_plan(x, d, max_block)
+    n_splits = sizes[-1]
+    assert n_splits > 1
+    first = torch.full_like(x, float("nan"))
+    part, sync = tg._split_softmax(x, first, 77, 0.6, d, max_block)
+    per_strip = sync.view(n_strips, n_splits + 3)
+    assert torch.equal(per_strip[:, 0], torch.full((n_strips,), n_splits, dtype=torch.int32))  # all arrived
+    assert bool((per_strip[:, 1] == 1).all())  # statistics published
+    assert bool((per_strip[:, 2] > 0).all())  # and the fix-up kernel wrote the chunks that gave up
+    per_strip[:, 2:] = 0  # no chunk marked: the replay writes every chunk from the published statistics
+    second = torch.full_like(x, float("nan"))
+    tg._split_softmax(x, second, 77, 0.6, d, max_block, part=part, sync=sync)
+    assert torch.equal(first, second)
+    assert not bool(first.isnan().any())
+
+
 @pytest.mark.parametrize("shape,dim", SINGLE)
 def test_single_pass_paths_match_reference(shape, dim):
     for dtype in DTYPES:
@@ -99,6 +141,7 @@ def test_non_finite_logits_as_reference(shape, dim, max_block):
     lines[3 % n, -1] = float("nan")
     lines[4 % n, 1] = float("-inf")
     lines[5 % n, -1] = float("inf")
+    lines[6 % n, : shape[d] // 2] = float("-inf")  # whole chunks of -inf in a line that has finite values
     x = xm.movedim(-1, d).contiguous()
     _check_forward(x, dim, max_block)
 
@@ -110,6 +153,8 @@ def test_production_column_plan_reads_wide_strips():
         _, sizes, single, meta = tg._gumbel_plan(x, 1, None, **kwargs)
         assert meta["BC"] * x.element_size() >= 64, (kwargs, meta)
         assert not single
+    _, sizes, n_strips, meta = tg._split_plan(x, 1, None)  # the soft forward's plan
+    assert meta["BC"] * x.element_size() >= 64 and sizes[-1] * meta["BR"] == 8192, meta
 
 
 def test_hard_rows_read_once():

@@ -28,9 +28,12 @@ long columns (K = 8192 over dim 1 of NCHW) no longer take a strip of 4 columns (
 Otherwise a loop over the reduction axis in chunks of ``LOOP_TILE`` elements, ``LOOP_COLS`` (64) inner
 positions wide on the column layout (256 contiguous bytes per row): a pass with an online softmax
 (running max + rescaled sum) or a running argmax, then a pass that re-reads the logits, regenerates the
-noise and writes (a hard sample's second pass only writes: the one-hot needs no logits). The soft
-forward then moves 12 bytes per element (logits twice, output once) and makes the noise twice; the hard
-forward and argmax stay at 8 and 4. Each loop loads chunk k + 1 before it works on chunk k (register
+noise and writes (a hard sample's second pass only writes: the one-hot needs no logits). The looped soft
+forward moves 12 bytes per element (logits twice, output once) and makes the noise twice; the hard
+forward and argmax stay at 8 and 4. The soft forward over long columns (dim=1 of NCHW, K = 8192) takes
+the split plan instead (``SPLIT_COLUMNS``): K cut across the programs of a 64-column strip, each chunk
+kept in registers while the strip's statistics are merged through global memory, so the logits are read
+once and the noise made once (8 bytes per element; see ``_gumbel_softmax_split_kernel``). Each loop loads chunk k + 1 before it works on chunk k (register
 double buffering, ``_chunk_load``). Rows that fit one tile are read once for the hard sample and argmax
 too (no streamed chunks).
 
@@ -67,6 +70,17 @@ LOOP_COLS = 64
 # Fewest contiguous inner positions a single-pass column tile may span (64 bytes of fp32: one DRAM burst);
 # a column reduction too long for that takes the looped path.
 MIN_STRIP_COLS = 16
+# The soft forward over columns too long for a single-pass strip takes the split plan (K cut across the
+# programs of a strip, one read of the logits, statistics merged through global memory; see
+# ``_gumbel_softmax_split_kernel``) when True, the looped plan (logits read twice, noise made twice) when
+# False. Split chunks hold SPLIT_TILE elements (64 columns x 128 categories of fp32: 32 KB, 8 warps);
+# the last program of a strip merges SPLIT_MERGE partials per step; a waiting program polls at most
+# SPLIT_MAX_POLLS times (about a millisecond or more on an H200) before it makes the missing partials
+# itself.
+SPLIT_COLUMNS = True
+SPLIT_TILE = 8192
+SPLIT_MERGE = 16
+SPLIT_MAX_POLLS = 1 << 14
 # Elements each thread holds on a Gumbel tile (offline sm_90 compiles, Triton 3.8, no spills at any of
 # them): 32 in general. The single-pass column strip (4 columns x up to 8192 categories, one program per
 # SM) takes 64: its reductions run per column across all the program's threads, and at 32 per thread they
@@ -280,6 +294,143 @@ def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K
             y = tl.exp2((z - _expand(m, RED)) * scale2) * _expand(r, RED)
             _store(y_ptr + base + rel, y, mask, MASKED)
             x = x_next
+
+
+# ----------------------------------------------------------------------------------------------------
+# Soft sample over long columns, split along K ("split plan"). A strip of BC columns and K categories is
+# cut into n_splits chunks of BR categories, one program each. A program keeps its chunk of z in
+# registers, publishes its per-column (max, sum exp) partial, and the strip's last program to arrive
+# (an arrival counter) merges the partials and publishes the strip's (max, sum); every program then
+# writes its chunk of the output from registers. The logits are read once and the noise is made once
+# (8 bytes per element, as the single pass), while each row is read BC columns (256 bytes) wide.
+#
+# Waiting is bounded, so no launch can deadlock whatever the scheduling: a program that has not seen the
+# strip's statistics after ``max_polls`` polls (a strip-mate not yet scheduled, or the Triton
+# interpreter, which runs programs one after another) marks its chunk and exits without writing, and a
+# second, small kernel (one program per strip) writes the marked chunks from the published statistics,
+# making their noise again. Every chunk of a strip divides by the same statistics, however it was written.
+#
+# ``part`` (fp32): per strip, n_splits + 1 rows of [max (BC), sum (BC)]; the last row is the strip's
+# merged statistics. ``sync`` (int32, zeroed per launch): per strip, the arrival counter, the statistics
+# flag, the count of marked chunks, then one mark per chunk.
+
+
+@triton.jit
+def _split_exps(z, scale2):
+    """Per-column max of a chunk of z and e = exp2((z - max) * scale2) (0 for -inf entries)."""
+    m = tl.max(z, axis=0)
+    # z = -inf gives exp2(-inf) = 0 by itself while the max is finite; a column of -inf only (max -inf)
+    # is shifted by 0 instead, so that its exps are 0, not exp2(-inf - -inf) = NaN.
+    return m, tl.exp2((z - tl.where(m == float("-inf"), 0.0, m)[None, :]) * scale2)
+
+
+@triton.jit
+def _merge_stats(m, s, m_b, s_b, scale2):
+    """(max, sum) of two partials, each sum rescaled to the larger max (-inf partials hold sum 0)."""
+    m_new = tl.maximum(m, m_b)
+    a = tl.where(m == m_new, 1.0, tl.exp2((m - m_new) * scale2))
+    b = tl.where(m_b == m_new, 1.0, tl.exp2((m_b - m_new) * scale2))
+    return m_new, s * a + s_b * b
+
+
+@triton.jit
+def _stats_ptr(part_ptr, row, BC: tl.constexpr):
+    return part_ptr + row.to(tl.int64) * (2 * BC) + tl.arange(0, BC)
+
+
+@triton.jit
+def _strip_stats(part_ptr, row0, n_splits, scale2, BC: tl.constexpr, NSB: tl.constexpr):
+    """The strip's (max, sum): its n_splits partials (rows row0...) merged NSB at a time, in order."""
+    cols = tl.arange(0, BC)
+    m = tl.full([BC], float("-inf"), tl.float32)
+    s = tl.zeros([BC], tl.float32)
+    for i0 in range(0, n_splits, NSB):
+        r = i0 + tl.arange(0, NSB)
+        ok = (r < n_splits)[:, None]
+        p = part_ptr + (row0 + r).to(tl.int64)[:, None] * (2 * BC) + cols[None, :]
+        mt = tl.load(p, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        st = tl.load(p + BC, mask=ok, other=0.0, cache_modifier=".cg")
+        mb = tl.max(mt, axis=0)
+        sb = tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp2((mt - mb[None, :]) * scale2)), axis=0)
+        m, s = _merge_stats(m, s, mb, sb, scale2)
+    return m, s
+
+
+@triton.jit
+def _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED: tl.constexpr):
+    """The chunk's output from its exps (relative to its own max m_chunk) and the strip's (max, sum): one
+    exp2 per column instead of one per element."""
+    f = tl.exp2((m_chunk - m) * scale2) * (1.0 / s)  # NaN for a NaN sum or a column of -inf only
+    _store(y_ptr + base + rel, e * f[None, :], mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_softmax_split_kernel(x_ptr, y_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, K, inner, n_c_tiles,
+                                 n_splits, max_polls, BR: tl.constexpr, BC: tl.constexpr, NSB: tl.constexpr,
+                                 ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """y = softmax(z / tau) along axis 1 of (outer, K, inner), z = logits + noise, K split across programs."""
+    pid = tl.program_id(0).to(tl.int64)
+    strip = pid // n_splits
+    j = pid % n_splits
+    o = strip // n_c_tiles
+    c0 = (strip % n_c_tiles) * BC
+    base, rel, mask, stride, kidx = _chunk(o, j * BR, c0, 1, K, inner, BR, BC, False, REL32)
+    z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+    m_chunk, e = _split_exps(z, scale2)
+    row0 = strip * (n_splits + 1)
+    p = _stats_ptr(part_ptr, row0 + j, BC)
+    tl.store(p, m_chunk)
+    tl.store(p + BC, tl.sum(e, axis=0))
+    sync = sync_ptr + strip * (n_splits + 3)  # [arrivals, statistics flag, marked count, n_splits marks]
+    tl.debug_barrier()  # every thread's stores before the release below
+    arrived = tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu")
+    m = m_chunk  # the strip's (max, sum) once known
+    s = tl.zeros_like(m_chunk)
+    if arrived == n_splits - 1:  # the last to arrive: every partial is published
+        m, s = _strip_stats(part_ptr, row0, n_splits, scale2, BC, NSB)
+        p = _stats_ptr(part_ptr, row0 + n_splits, BC)
+        tl.store(p, m)
+        tl.store(p + BC, s)
+        tl.debug_barrier()
+        tl.atomic_xchg(sync + 1, 1, sem="release", scope="gpu")
+        done = arrived * 0 + 1
+    else:
+        done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
+        polls = 0
+        while (done == 0) & (polls < max_polls):
+            done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
+            polls += 1
+        if done != 0:
+            p = _stats_ptr(part_ptr, row0 + n_splits, BC)
+            m = tl.load(p, cache_modifier=".cg")
+            s = tl.load(p + BC, cache_modifier=".cg")
+        else:  # not published in time: _gumbel_softmax_split_fixup_kernel writes this chunk
+            tl.atomic_xchg(sync + 3 + j, 1, sem="relaxed", scope="gpu")
+            tl.atomic_add(sync + 2, 1, sem="relaxed", scope="gpu")
+    if done != 0:
+        _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_softmax_split_fixup_kernel(x_ptr, y_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, K, inner,
+                                       n_c_tiles, n_splits, BR: tl.constexpr, BC: tl.constexpr,
+                                       ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """One program per strip: writes the chunks whose program gave up waiting (usually none)."""
+    strip = tl.program_id(0).to(tl.int64)
+    sync = sync_ptr + strip * (n_splits + 3)
+    if tl.load(sync + 2) > 0:
+        o = strip // n_c_tiles
+        c0 = (strip % n_c_tiles) * BC
+        row0 = strip * (n_splits + 1)
+        p = _stats_ptr(part_ptr, row0 + n_splits, BC)
+        m = tl.load(p)
+        s = tl.load(p + BC)
+        for j in range(0, n_splits):
+            if tl.load(sync + 3 + j) != 0:
+                base, rel, mask, stride, kidx = _chunk(o, j * BR, c0, 1, K, inner, BR, BC, False, REL32)
+                z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+                m_chunk, e = _split_exps(z, scale2)  # the bits the chunk's own program had
+                _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,6 +753,51 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     return (n_programs,), (outer if last_dim else 1, K, inner, n_c_tiles), single, meta
 
 
+def _split_plan(x: torch.Tensor, dim: int, max_tile: Optional[int]):
+    """Grid, (K, inner, n_c_tiles, n_splits), strip count and meta-parameters of the split soft forward
+    (columns layout): chunks of BR categories x BC inner positions, BR * BC <= SPLIT_TILE."""
+    outer, K, inner = _geometry(x, dim)
+    align4 = inner % 4 == 0
+    limit = max(4, _pow2_floor(max_tile or MAX_TILE))
+    if not align4:
+        limit = min(limit, UNALIGNED_TILE)
+    bc = min(triton.next_power_of_2(inner), max(4 if align4 else 1, LOOP_COLS))
+    br = max(1, min(limit, SPLIT_TILE) // bc)
+    n_c_tiles = triton.cdiv(inner, bc)
+    n_splits = triton.cdiv(K, br)
+    n_strips = outer * n_c_tiles
+    if n_strips * n_splits >= 2**31:
+        raise ValueError(f"tensor too large for the Triton Gumbel kernels: {n_strips * n_splits} programs")
+    if K >= 2**31 - br:
+        raise ValueError(f"size {K} of dim {dim} is too large for the Triton Gumbel kernels")
+    per_thread = STRIP_ELEMENTS_PER_THREAD if align4 else NARROW_ELEMENTS_PER_THREAD
+    meta = dict(BR=br, BC=bc, NSB=min(SPLIT_MERGE, triton.next_power_of_2(n_splits)), ALIGN4=align4,
+                REL32=br * inner + bc < 2**31, MASKED=K % br != 0 or inner % bc != 0,
+                num_warps=_num_warps(br * bc, per_thread))
+    return (n_strips * n_splits,), (K, inner, n_c_tiles, n_splits), n_strips, meta
+
+
+def _split_softmax(x: torch.Tensor, out: torch.Tensor, seed: int, tau: float, dim: int, max_tile: Optional[int],
+                   part: Optional[torch.Tensor] = None, sync: Optional[torch.Tensor] = None):
+    """Launches the split soft forward into ``out``; returns its (part, sync) buffers (tests pass them back
+    in to replay a launch whose statistics are already published)."""
+    grid, sizes, n_strips, meta = _split_plan(x, dim, max_tile)
+    n_splits = sizes[-1]
+    if part is None:
+        part = torch.empty(n_strips * (n_splits + 1) * 2 * meta["BC"], dtype=torch.float32, device=x.device)
+        sync = torch.zeros(n_strips * (n_splits + 3), dtype=torch.int32, device=x.device)
+    # Polling only means anything on a GPU: the interpreter runs the programs one after another.
+    max_polls = SPLIT_MAX_POLLS if x.is_cuda else 1
+    lo, hi = seed_words(seed)
+    scale2 = _LOG2E / tau
+    _gumbel_softmax_split_kernel[grid](x, out, part, sync, lo, hi, scale2, *sizes, max_polls, **meta,
+                                       **_NOISE_LAUNCH)
+    meta.pop("NSB")
+    _gumbel_softmax_split_fixup_kernel[(n_strips,)](x, out, part, sync, lo, hi, scale2, *sizes, **meta,
+                                                    **_NOISE_LAUNCH)
+    return part, sync
+
+
 def _launch_plan(x: torch.Tensor, dim: int, max_block: Optional[int]):
     """Grid and meta-parameters of a KL kernel (tile [BLOCK_K, BLOCK_I], K along axis 0)."""
     outer, K, inner = _geometry(x, dim)
@@ -650,6 +846,9 @@ def gumbel_softmax_forward(logits: torch.Tensor, seed: int, tau: float, hard: bo
     if x.numel() == 0:
         return out
     grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=hard)
+    if not hard and not single and not meta["LAST_DIM"] and SPLIT_COLUMNS:
+        _split_softmax(x, out, seed, tau, dim, max_block)
+        return out
     lo, hi = seed_words(seed)
     if hard:
         _gumbel_hard_fwd_kernel[grid](x, out, lo, hi, *sizes, SINGLE=single, **meta, **_NOISE_LAUNCH)
