@@ -4,14 +4,15 @@ torch.softmax of the same tensor, forward soft, forward hard and forward+backwar
 On a GPU: the target shapes (64, 8192, 32, 32) dim=1 and (65536, 8192) dim=-1, with the fraction of the
 measured copy bandwidth (logits read + sample written; fwd+bwd: x, y, dy read/written, dx) as the
 target, and each GPU backend of ours timed on its own (``vlm_kernels triton`` / ``vlm_kernels cuda``)
-so that the automatic choice per layout can follow the measurement; for the soft sample over columns,
-also the Triton column plans the default replaced (``COLUMN_PLANS``).
+so that the automatic choice per layout can follow the measurement; for the soft sample over columns
+(forward, forward+backward), also the Triton column plans the default replaced (``COLUMN_PLANS``).
 
 Runner: ``python -m benchmarks.run --ops gumbel``. pytest-benchmark: ``pytest benchmarks/bench_gumbel.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -47,23 +48,48 @@ def _compiled_gumbel():
     return torch.compile(F.gumbel_softmax, dynamic=False)
 
 
-def _call(fn, shape, dim, mode, device, dtype):
-    """setup() for one implementation: allocates inputs, returns the timed closure."""
+@contextlib.contextmanager
+def _triton_plan(**plan):
+    """Module-level plan switches of ``vlm_kernels.triton.gumbel`` set for the duration (an A/B of the
+    column plans in one process)."""
+    from vlm_kernels.triton import gumbel as tg
+
+    saved = {k: getattr(tg, k) for k in plan}
+    try:
+        for k, v in plan.items():
+            setattr(tg, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(tg, k, v)
+
+
+def _call(fn, shape, dim, mode, device, dtype, plan=None):
+    """setup() for one implementation: allocates inputs, returns the timed closure (run under the Triton
+    plan switches ``plan``, forward and backward, when given)."""
 
     def setup():
         x = torch.randn(shape, device=device, dtype=dtype)
         hard = mode == "fwd hard"
         if mode != "fwd+bwd":
-            return lambda: fn(x, hard, dim)
-        xg = x.requires_grad_(True)
-        grad = torch.randn_like(x)
+            step = lambda: fn(x, hard, dim)  # noqa: E731
+        else:
+            xg = x.requires_grad_(True)
+            grad = torch.randn_like(x)
 
-        def step():
-            y = fn(xg, False, dim)
-            y.backward(grad)
-            xg.grad = None
+            def step():
+                y = fn(xg, False, dim)
+                y.backward(grad)
+                xg.grad = None
 
-        return step
+        if not plan:
+            return step
+
+        def planned():
+            with _triton_plan(**plan):
+                return step()
+
+        return planned
 
     return setup
 
@@ -80,28 +106,9 @@ def _ours_on(backend):
     return fn
 
 
-def _ours_triton_plan(**plan):
-    """Our Triton backend with module-level plan switches of ``vlm_kernels.triton.gumbel`` set for the call
-    (an A/B of the column plans in one process)."""
-    from vlm_kernels.triton import gumbel as tg
-
-    def fn(x, hard, dim):
-        saved = {k: getattr(tg, k) for k in plan}
-        try:
-            for k, v in plan.items():
-                setattr(tg, k, v)
-            with vk.use_backend("triton"):
-                return vk.gumbel_softmax(x, tau=1.0, hard=hard, dim=dim)
-        finally:
-            for k, v in saved.items():
-                setattr(tg, k, v)
-
-    return fn
-
-
 # The column plans that were or could be the default for long columns (dim=1 of NCHW, K = 8192), timed
-# beside the default on a GPU: the looped plan (one program per 64-column strip, logits read twice) and
-# the single-pass strip of 4 columns (the first plan measured, 26% of copy bandwidth).
+# beside the default (the split plan) on a GPU: the looped plan (one program per 64-column strip, inputs
+# read twice) and the single-pass strip of 4 columns (the first plan measured, 26% of copy bandwidth).
 COLUMN_PLANS = {"vlm_kernels triton looped": dict(SPLIT_COLUMNS=False),
                 "vlm_kernels triton strip4": dict(MIN_STRIP_COLS=4)}
 
@@ -139,9 +146,9 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             if gpu:
                 for backend in ("triton", "cuda"):
                     impls[f"vlm_kernels {backend}"] = _call(_ours_on(backend), shape, dim, mode, device, dtype)
-                if dim % len(shape) != len(shape) - 1 and mode == "fwd soft":
+                if dim % len(shape) != len(shape) - 1 and mode != "fwd hard":
                     for name, plan in COLUMN_PLANS.items():
-                        impls[name] = _call(_ours_triton_plan(**plan), shape, dim, mode, device, dtype)
+                        impls[name] = _call(_ours_on("triton"), shape, dim, mode, device, dtype, plan=plan)
             # Bytes the forward must move: logits read once, sample written once (fwd+bwd: x, y, dy, dx).
             floor_bytes = numel * 4 * (2 if mode != "fwd+bwd" else 5)
             out.append(Case("gumbel_softmax", label, mode, "float32", "vlm_kernels", impls, list(targets[mode]),
@@ -163,7 +170,7 @@ def split_plan_report(shape=(64, 8192, 32, 32), device: str = "cuda") -> dict:
     n_splits = sizes[-1]
     marked = []
     for seed in range(3):
-        _, sync = tg._split_softmax(x, out, seed, 1.0, 1, None)
+        _, sync = tg._split_launch(x, x, out, seed, 1.0, 1, None, backward=False)
         marks = sync.view(n_strips, n_splits + 3)[:, 3:]
         marked.append(int((marks != 0).sum()))
     rec = {"shape": list(shape), "strips": n_strips, "chunks_per_strip": n_splits, "BR": meta["BR"], "BC": meta["BC"],

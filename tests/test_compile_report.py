@@ -54,6 +54,9 @@ def test_dynamic_count_multiplies_nested_trips():
     assert slots == count + 15 * (cr.MUFU_SLOTS - 1)  # the MUFU sits in the inner loop
     assert not lower
     assert cr.dynamic_count(sass, {0: 3})[2]  # a loop without a trip count: a lower bound
+    # A loop the usual path never enters (trips 0): its body, nested loops included, counts nothing.
+    assert cr.dynamic_count(sass, {0: 0, 1: 5})[0] == outside
+    assert cr.dynamic_count(sass, {0: 3, 1: 0})[0] == outside + 3 * outer_only
 
 
 def test_parse_res_usage():

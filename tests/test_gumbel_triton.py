@@ -71,9 +71,10 @@ COLUMNS_LOOPED = [case for case in LOOPED if case[1] % len(case[0]) != len(case[
 
 
 @pytest.mark.parametrize("shape,dim,max_block", COLUMNS_LOOPED)
-def test_column_soft_forward_split_and_looped_plans_match_reference(shape, dim, max_block, monkeypatch):
+def test_column_soft_split_and_looped_plans_match_reference(shape, dim, max_block, monkeypatch):
     """Long columns: the split plan (K across programs, statistics merged through memory; the default) and
-    the looped plan (one program per strip, two passes) both give the reference's soft sample."""
+    the looped plan (one program per strip, two passes) both give the reference's soft sample and its
+    gradient."""
     d = dim % len(shape)
     for split in (True, False):
         monkeypatch.setattr(tg, "SPLIT_COLUMNS", split)
@@ -82,28 +83,35 @@ def test_column_soft_forward_split_and_looped_plans_match_reference(shape, dim, 
             got = tg.gumbel_softmax_forward(x, 77, 0.6, False, d, max_block=max_block)
             expect = ref.gumbel_softmax_forward(x, 77, 0.6, False, d)
             torch.testing.assert_close(got.double(), expect.double(), atol=ATOL[dtype], rtol=1e-5)
+        dy = _logits(shape, torch.float32, scale=1.0, seed=1)
+        y = ref.gumbel_softmax_forward(_logits(shape, torch.float32), 5, 0.7, False, d)
+        torch.testing.assert_close(tg.gumbel_softmax_backward(dy, y, 5, 0.7, False, d, max_block=max_block),
+                                   ref.gumbel_softmax_backward(dy, y, 5, 0.7, False, d), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape,dim,max_block", COLUMNS_LOOPED)
-def test_split_plan_chunks_agree_bit_for_bit_whichever_way_they_are_written(shape, dim, max_block):
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_plan_chunks_agree_bit_for_bit_whichever_way_they_are_written(shape, dim, max_block, backward):
     """The interpreter runs the programs one after another, so every program but a strip's last gives up
     waiting and the fix-up kernel writes its chunk; replaying the launch with the strip statistics already
     published makes every program take the path a GPU takes (read the statistics, write from registers).
     Both must give the same bits, and the plan must split K into several chunks."""
     d = dim % len(shape)
     x = _logits(shape, torch.float32)
-    grid, sizes, n_strips, meta = tg._split_plan(x, d, max_block)
+    a, b = (_logits(shape, torch.float32, scale=1.0, seed=1), ref.gumbel_softmax_forward(x, 5, 0.7, False, d)) \
+        if backward else (x, x)
+    grid, sizes, n_strips, meta = tg._split_plan(x, d, max_block, inputs=2 if backward else 1)
     n_splits = sizes[-1]
-    assert n_splits > 1
+    assert n_splits > 1 and meta["BACKWARD"] == backward
     first = torch.full_like(x, float("nan"))
-    part, sync = tg._split_softmax(x, first, 77, 0.6, d, max_block)
+    part, sync = tg._split_launch(a, b, first, 77, 0.6, d, max_block, backward)
     per_strip = sync.view(n_strips, n_splits + 3)
     assert torch.equal(per_strip[:, 0], torch.full((n_strips,), n_splits, dtype=torch.int32))  # all arrived
     assert bool((per_strip[:, 1] == 1).all())  # statistics published
     assert bool((per_strip[:, 2] > 0).all())  # and the fix-up kernel wrote the chunks that gave up
     per_strip[:, 2:] = 0  # no chunk marked: the replay writes every chunk from the published statistics
     second = torch.full_like(x, float("nan"))
-    tg._split_softmax(x, second, 77, 0.6, d, max_block, part=part, sync=sync)
+    tg._split_launch(a, b, second, 77, 0.6, d, max_block, backward, part=part, sync=sync)
     assert torch.equal(first, second)
     assert not bool(first.isnan().any())
 
@@ -153,8 +161,9 @@ def test_production_column_plan_reads_wide_strips():
         _, sizes, single, meta = tg._gumbel_plan(x, 1, None, **kwargs)
         assert meta["BC"] * x.element_size() >= 64, (kwargs, meta)
         assert not single
-    _, sizes, n_strips, meta = tg._split_plan(x, 1, None)  # the soft forward's plan
-    assert meta["BC"] * x.element_size() >= 64 and sizes[-1] * meta["BR"] == 8192, meta
+    for inputs in (1, 2):  # the soft forward's and backward's plans
+        _, sizes, n_strips, meta = tg._split_plan(x, 1, None, inputs=inputs)
+        assert meta["BC"] * x.element_size() >= 64 and sizes[-1] * meta["BR"] == 8192, meta
 
 
 def test_hard_rows_read_once():

@@ -30,11 +30,12 @@ positions wide on the column layout (256 contiguous bytes per row): a pass with 
 (running max + rescaled sum) or a running argmax, then a pass that re-reads the logits, regenerates the
 noise and writes (a hard sample's second pass only writes: the one-hot needs no logits). The looped soft
 forward moves 12 bytes per element (logits twice, output once) and makes the noise twice; the hard
-forward and argmax stay at 8 and 4. The soft forward over long columns (dim=1 of NCHW, K = 8192) takes
-the split plan instead (``SPLIT_COLUMNS``): K cut across the programs of a 64-column strip, each chunk
-kept in registers while the strip's statistics are merged through global memory, so the logits are read
-once and the noise made once (8 bytes per element; see ``_gumbel_softmax_split_kernel``). Each loop loads chunk k + 1 before it works on chunk k (register
-double buffering, ``_chunk_load``). Rows that fit one tile are read once for the hard sample and argmax
+forward and argmax stay at 8 and 4. Each loop loads chunk k + 1 before it works on chunk k (register
+double buffering, ``_chunk_load``). The soft forward and the soft backward over long columns (dim=1 of
+NCHW, K = 8192) take the split plan instead (``SPLIT_COLUMNS``): K cut across the programs of a
+64-column strip, each chunk kept in registers while the strip's statistics are merged through global
+memory, so every input is read once and the noise made once (the forward moves 8 bytes per element, the
+backward 12; see ``_gumbel_softmax_split_kernel``). Rows that fit one tile are read once for the hard sample and argmax
 too (no streamed chunks).
 
 NaN: a NaN in z makes the softmax sum NaN, so the whole line comes out NaN without a separate test;
@@ -297,22 +298,67 @@ def _gumbel_softmax_fwd_kernel(x_ptr, y_ptr, seed_lo, seed_hi, scale2, n_rows, K
 
 
 # ----------------------------------------------------------------------------------------------------
-# Soft sample over long columns, split along K ("split plan"). A strip of BC columns and K categories is
-# cut into n_splits chunks of BR categories, one program each. A program keeps its chunk of z in
-# registers, publishes its per-column (max, sum exp) partial, and the strip's last program to arrive
-# (an arrival counter) merges the partials and publishes the strip's (max, sum); every program then
-# writes its chunk of the output from registers. The logits are read once and the noise is made once
-# (8 bytes per element, as the single pass), while each row is read BC columns (256 bytes) wide.
+# Soft sample and its backward over long columns, split along K ("split plan"). A strip of BC columns and
+# K categories is cut into n_splits chunks of BR categories, one program each. A program keeps its chunk
+# in registers and publishes its per-column partial statistics (forward: max and sum of exps; backward:
+# sum of dy * y); the strip's last program to arrive (an arrival counter) merges the partials in order and
+# publishes the strip's statistics; every program then writes its chunk from registers. Each input is
+# read once and the noise made once (forward 8 bytes per element, as the single pass; backward 12),
+# while each row is read BC columns (256 bytes) wide.
 #
 # Waiting is bounded, so no launch can deadlock whatever the scheduling: a program that has not seen the
 # strip's statistics after ``max_polls`` polls (a strip-mate not yet scheduled, or the Triton
 # interpreter, which runs programs one after another) marks its chunk and exits without writing, and a
 # second, small kernel (one program per strip) writes the marked chunks from the published statistics,
-# making their noise again. Every chunk of a strip divides by the same statistics, however it was written.
+# reading their inputs (and making their noise) again with the code their own program runs: a chunk's
+# bits do not depend on which kernel wrote it.
 #
-# ``part`` (fp32): per strip, n_splits + 1 rows of [max (BC), sum (BC)]; the last row is the strip's
-# merged statistics. ``sync`` (int32, zeroed per launch): per strip, the arrival counter, the statistics
-# flag, the count of marked chunks, then one mark per chunk.
+# ``part`` (fp32): per strip, n_splits + 1 rows of W vectors of BC (forward W = 2: max, sum; backward
+# W = 1: the dot); the last row is the strip's statistics. ``sync`` (int32, zeroed per launch): per strip,
+# the arrival counter, the statistics flag, the count of marked chunks, then one mark per chunk.
+
+
+@triton.jit
+def _split_origin(n_c_tiles, n_splits, BC: tl.constexpr):
+    """(strip, chunk j, outer index o, first column c0) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    strip = pid // n_splits
+    return strip, pid % n_splits, strip // n_c_tiles, (strip % n_c_tiles) * BC
+
+
+@triton.jit
+def _stats_ptr(part_ptr, row, BC: tl.constexpr, W: tl.constexpr):
+    return part_ptr + row.to(tl.int64) * (W * BC) + tl.arange(0, BC)
+
+
+@triton.jit
+def _split_arrive(sync):
+    """Counts this program in once its partial is stored (every thread's stores before the release);
+    returns how many arrived before it."""
+    tl.debug_barrier()
+    return tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def _split_release(sync):
+    """Publishes the strip's statistics, stored just before (by every thread)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(sync + 1, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _split_await(sync, j, max_polls):
+    """Polls for the strip's statistics at most max_polls times; nonzero once they are published.
+    Otherwise marks chunk j for the fix-up kernel."""
+    done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (done == 0) & (polls < max_polls):
+        done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if done == 0:
+        tl.atomic_xchg(sync + 3 + j, 1, sem="relaxed", scope="gpu")
+        tl.atomic_add(sync + 2, 1, sem="relaxed", scope="gpu")  # nonzero: some chunk of the strip is marked
+    return done
 
 
 @triton.jit
@@ -334,25 +380,25 @@ def _merge_stats(m, s, m_b, s_b, scale2):
 
 
 @triton.jit
-def _stats_ptr(part_ptr, row, BC: tl.constexpr):
-    return part_ptr + row.to(tl.int64) * (2 * BC) + tl.arange(0, BC)
-
-
-@triton.jit
-def _strip_stats(part_ptr, row0, n_splits, scale2, BC: tl.constexpr, NSB: tl.constexpr):
-    """The strip's (max, sum): its n_splits partials (rows row0...) merged NSB at a time, in order."""
+def _strip_stats(part_ptr, row0, n_splits, scale2, BC: tl.constexpr, NSB: tl.constexpr, BACKWARD: tl.constexpr):
+    """The strip's statistics from its n_splits partials (rows row0...), NSB at a time, in order:
+    (max, sum of exps) for the forward, (dot, unused) for the backward."""
+    W: tl.constexpr = 1 if BACKWARD else 2
     cols = tl.arange(0, BC)
     m = tl.full([BC], float("-inf"), tl.float32)
     s = tl.zeros([BC], tl.float32)
     for i0 in range(0, n_splits, NSB):
         r = i0 + tl.arange(0, NSB)
         ok = (r < n_splits)[:, None]
-        p = part_ptr + (row0 + r).to(tl.int64)[:, None] * (2 * BC) + cols[None, :]
-        mt = tl.load(p, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        st = tl.load(p + BC, mask=ok, other=0.0, cache_modifier=".cg")
-        mb = tl.max(mt, axis=0)
-        sb = tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp2((mt - mb[None, :]) * scale2)), axis=0)
-        m, s = _merge_stats(m, s, mb, sb, scale2)
+        p = part_ptr + (row0 + r).to(tl.int64)[:, None] * (W * BC) + cols[None, :]
+        if BACKWARD:
+            s += tl.sum(tl.load(p, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        else:
+            mt = tl.load(p, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            st = tl.load(p + BC, mask=ok, other=0.0, cache_modifier=".cg")
+            mb = tl.max(mt, axis=0)
+            sb = tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp2((mt - mb[None, :]) * scale2)), axis=0)
+            m, s = _merge_stats(m, s, mb, sb, scale2)
     return m, s
 
 
@@ -364,73 +410,101 @@ def _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED: tl.co
     _store(y_ptr + base + rel, e * f[None, :], mask, MASKED)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_softmax_split_kernel(x_ptr, y_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, K, inner, n_c_tiles,
-                                 n_splits, max_polls, BR: tl.constexpr, BC: tl.constexpr, NSB: tl.constexpr,
-                                 ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
-    """y = softmax(z / tau) along axis 1 of (outer, K, inner), z = logits + noise, K split across programs."""
-    pid = tl.program_id(0).to(tl.int64)
-    strip = pid // n_splits
-    j = pid % n_splits
-    o = strip // n_c_tiles
-    c0 = (strip % n_c_tiles) * BC
+@triton.jit
+def _split_chunk(a_ptr, b_ptr, seed_lo, seed_hi, scale2, o, j, c0, K, inner, BR: tl.constexpr, BC: tl.constexpr,
+                 BACKWARD: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk j of a strip: (base, rel, mask, u, v, partial 0, partial 1). Forward (a = logits): u = exps,
+    v = 0, partials = (max, sum of exps). Backward (a = dy, b = y): u = dy, v = y, partials = (dot, 0)."""
     base, rel, mask, stride, kidx = _chunk(o, j * BR, c0, 1, K, inner, BR, BC, False, REL32)
-    z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
-    m_chunk, e = _split_exps(z, scale2)
+    if BACKWARD:
+        u = _load(a_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+        v = _load(b_ptr + base + rel, mask, 0.0, MASKED).to(tl.float32)
+        p0 = tl.sum(u * v, axis=0)
+        p1 = p0 * 0.0
+    else:
+        z = _perturbed(a_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
+        p0, u = _split_exps(z, scale2)
+        v = u * 0.0
+        p1 = tl.sum(u, axis=0)
+    return base, rel, mask, u, v, p0, p1
+
+
+@triton.jit
+def _split_output(out_ptr, u, v, p0, m, s, scale2, inv_tau, base, rel, mask, BACKWARD: tl.constexpr,
+                  MASKED: tl.constexpr):
+    if BACKWARD:  # dx = y * (dy - dot) / tau
+        _store(out_ptr + base + rel, v * (u - s[None, :]) * inv_tau, mask, MASKED)
+    else:
+        _split_write(out_ptr, u, p0, m, s, scale2, base, rel, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _gumbel_softmax_split_kernel(a_ptr, b_ptr, out_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, inv_tau, K,
+                                 inner, n_c_tiles, n_splits, max_polls, BR: tl.constexpr, BC: tl.constexpr,
+                                 NSB: tl.constexpr, BACKWARD: tl.constexpr, ALIGN4: tl.constexpr,
+                                 REL32: tl.constexpr, MASKED: tl.constexpr):
+    """Along axis 1 of (outer, K, inner), K split across the programs of a strip. Forward (a = logits):
+    out = softmax(z / tau), z = logits + noise. Backward (a = dy, b = y): out = y * (dy - sum dy * y) / tau."""
+    W: tl.constexpr = 1 if BACKWARD else 2
+    strip, j, o, c0 = _split_origin(n_c_tiles, n_splits, BC)
+    base, rel, mask, u, v, p0, p1 = _split_chunk(a_ptr, b_ptr, seed_lo, seed_hi, scale2, o, j, c0, K, inner, BR, BC,
+                                                 BACKWARD, ALIGN4, REL32, MASKED)
     row0 = strip * (n_splits + 1)
-    p = _stats_ptr(part_ptr, row0 + j, BC)
-    tl.store(p, m_chunk)
-    tl.store(p + BC, tl.sum(e, axis=0))
+    p = _stats_ptr(part_ptr, row0 + j, BC, W)
+    tl.store(p, p0)
+    if not BACKWARD:
+        tl.store(p + BC, p1)
     sync = sync_ptr + strip * (n_splits + 3)  # [arrivals, statistics flag, marked count, n_splits marks]
-    tl.debug_barrier()  # every thread's stores before the release below
-    arrived = tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu")
-    m = m_chunk  # the strip's (max, sum) once known
-    s = tl.zeros_like(m_chunk)
+    arrived = _split_arrive(sync)
+    m = p0  # the strip's statistics once known
+    s = p1
     if arrived == n_splits - 1:  # the last to arrive: every partial is published
-        m, s = _strip_stats(part_ptr, row0, n_splits, scale2, BC, NSB)
-        p = _stats_ptr(part_ptr, row0 + n_splits, BC)
-        tl.store(p, m)
-        tl.store(p + BC, s)
-        tl.debug_barrier()
-        tl.atomic_xchg(sync + 1, 1, sem="release", scope="gpu")
+        m, s = _strip_stats(part_ptr, row0, n_splits, scale2, BC, NSB, BACKWARD)
+        p = _stats_ptr(part_ptr, row0 + n_splits, BC, W)
+        if BACKWARD:
+            tl.store(p, s)
+        else:
+            tl.store(p, m)
+            tl.store(p + BC, s)
+        _split_release(sync)
         done = arrived * 0 + 1
     else:
-        done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
-        polls = 0
-        while (done == 0) & (polls < max_polls):
-            done = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
-            polls += 1
+        done = _split_await(sync, j, max_polls)
         if done != 0:
-            p = _stats_ptr(part_ptr, row0 + n_splits, BC)
-            m = tl.load(p, cache_modifier=".cg")
-            s = tl.load(p + BC, cache_modifier=".cg")
-        else:  # not published in time: _gumbel_softmax_split_fixup_kernel writes this chunk
-            tl.atomic_xchg(sync + 3 + j, 1, sem="relaxed", scope="gpu")
-            tl.atomic_add(sync + 2, 1, sem="relaxed", scope="gpu")
-    if done != 0:
-        _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED)
+            p = _stats_ptr(part_ptr, row0 + n_splits, BC, W)
+            if BACKWARD:
+                s = tl.load(p, cache_modifier=".cg")
+            else:
+                m = tl.load(p, cache_modifier=".cg")
+                s = tl.load(p + BC, cache_modifier=".cg")
+    if done != 0:  # otherwise _gumbel_softmax_split_fixup_kernel writes this chunk
+        _split_output(out_ptr, u, v, p0, m, s, scale2, inv_tau, base, rel, mask, BACKWARD, MASKED)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _gumbel_softmax_split_fixup_kernel(x_ptr, y_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, K, inner,
-                                       n_c_tiles, n_splits, BR: tl.constexpr, BC: tl.constexpr,
-                                       ALIGN4: tl.constexpr, REL32: tl.constexpr, MASKED: tl.constexpr):
+def _gumbel_softmax_split_fixup_kernel(a_ptr, b_ptr, out_ptr, part_ptr, sync_ptr, seed_lo, seed_hi, scale2, inv_tau,
+                                       K, inner, n_c_tiles, n_splits, BR: tl.constexpr, BC: tl.constexpr,
+                                       BACKWARD: tl.constexpr, ALIGN4: tl.constexpr, REL32: tl.constexpr,
+                                       MASKED: tl.constexpr):
     """One program per strip: writes the chunks whose program gave up waiting (usually none)."""
+    W: tl.constexpr = 1 if BACKWARD else 2
     strip = tl.program_id(0).to(tl.int64)
     sync = sync_ptr + strip * (n_splits + 3)
-    if tl.load(sync + 2) > 0:
+    if tl.load(sync + 2) != 0:
         o = strip // n_c_tiles
         c0 = (strip % n_c_tiles) * BC
-        row0 = strip * (n_splits + 1)
-        p = _stats_ptr(part_ptr, row0 + n_splits, BC)
-        m = tl.load(p)
-        s = tl.load(p + BC)
+        p = _stats_ptr(part_ptr, strip * (n_splits + 1) + n_splits, BC, W)
+        if BACKWARD:
+            s = tl.load(p)
+            m = s
+        else:
+            m = tl.load(p)
+            s = tl.load(p + BC)
         for j in range(0, n_splits):
             if tl.load(sync + 3 + j) != 0:
-                base, rel, mask, stride, kidx = _chunk(o, j * BR, c0, 1, K, inner, BR, BC, False, REL32)
-                z = _perturbed(x_ptr, seed_lo, seed_hi, base, rel, mask, stride, BR, BC, ALIGN4, REL32, MASKED)
-                m_chunk, e = _split_exps(z, scale2)  # the bits the chunk's own program had
-                _split_write(y_ptr, e, m_chunk, m, s, scale2, base, rel, mask, MASKED)
+                base, rel, mask, u, v, p0, p1 = _split_chunk(a_ptr, b_ptr, seed_lo, seed_hi, scale2, o, j, c0, K,
+                                                             inner, BR, BC, BACKWARD, ALIGN4, REL32, MASKED)
+                _split_output(out_ptr, u, v, p0, m, s, scale2, inv_tau, base, rel, mask, BACKWARD, MASKED)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -753,16 +827,18 @@ def _gumbel_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int
     return (n_programs,), (outer if last_dim else 1, K, inner, n_c_tiles), single, meta
 
 
-def _split_plan(x: torch.Tensor, dim: int, max_tile: Optional[int]):
-    """Grid, (K, inner, n_c_tiles, n_splits), strip count and meta-parameters of the split soft forward
-    (columns layout): chunks of BR categories x BC inner positions, BR * BC <= SPLIT_TILE."""
+def _split_plan(x: torch.Tensor, dim: int, max_tile: Optional[int], inputs: int = 1):
+    """Grid, (K, inner, n_c_tiles, n_splits), strip count and meta-parameters of a split kernel (columns
+    layout): chunks of BR categories x BC inner positions, BR * BC <= SPLIT_TILE / inputs (the backward
+    keeps dy and y)."""
     outer, K, inner = _geometry(x, dim)
+    noise = inputs == 1
     align4 = inner % 4 == 0
     limit = max(4, _pow2_floor(max_tile or MAX_TILE))
-    if not align4:
+    if noise and not align4:
         limit = min(limit, UNALIGNED_TILE)
-    bc = min(triton.next_power_of_2(inner), max(4 if align4 else 1, LOOP_COLS))
-    br = max(1, min(limit, SPLIT_TILE) // bc)
+    bc = min(triton.next_power_of_2(inner), max(4 if noise and align4 else 1, LOOP_COLS))
+    br = max(1, min(limit, SPLIT_TILE // inputs) // bc)
     n_c_tiles = triton.cdiv(inner, bc)
     n_splits = triton.cdiv(K, br)
     n_strips = outer * n_c_tiles
@@ -770,31 +846,32 @@ def _split_plan(x: torch.Tensor, dim: int, max_tile: Optional[int]):
         raise ValueError(f"tensor too large for the Triton Gumbel kernels: {n_strips * n_splits} programs")
     if K >= 2**31 - br:
         raise ValueError(f"size {K} of dim {dim} is too large for the Triton Gumbel kernels")
-    per_thread = STRIP_ELEMENTS_PER_THREAD if align4 else NARROW_ELEMENTS_PER_THREAD
-    meta = dict(BR=br, BC=bc, NSB=min(SPLIT_MERGE, triton.next_power_of_2(n_splits)), ALIGN4=align4,
-                REL32=br * inner + bc < 2**31, MASKED=K % br != 0 or inner % bc != 0,
+    per_thread = STRIP_ELEMENTS_PER_THREAD // inputs if align4 or not noise else NARROW_ELEMENTS_PER_THREAD
+    meta = dict(BR=br, BC=bc, NSB=min(SPLIT_MERGE, triton.next_power_of_2(n_splits)), BACKWARD=not noise,
+                ALIGN4=noise and align4, REL32=br * inner + bc < 2**31, MASKED=K % br != 0 or inner % bc != 0,
                 num_warps=_num_warps(br * bc, per_thread))
     return (n_strips * n_splits,), (K, inner, n_c_tiles, n_splits), n_strips, meta
 
 
-def _split_softmax(x: torch.Tensor, out: torch.Tensor, seed: int, tau: float, dim: int, max_tile: Optional[int],
-                   part: Optional[torch.Tensor] = None, sync: Optional[torch.Tensor] = None):
-    """Launches the split soft forward into ``out``; returns its (part, sync) buffers (tests pass them back
-    in to replay a launch whose statistics are already published)."""
-    grid, sizes, n_strips, meta = _split_plan(x, dim, max_tile)
+def _split_launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, seed: int, tau: float, dim: int,
+                  max_tile: Optional[int], backward: bool, part: Optional[torch.Tensor] = None,
+                  sync: Optional[torch.Tensor] = None):
+    """Launches a split kernel (forward: a = logits; backward: a = dy, b = y) into ``out``; returns its
+    (part, sync) buffers (tests pass them back in to replay a launch whose statistics are published)."""
+    grid, sizes, n_strips, meta = _split_plan(a, dim, max_tile, inputs=2 if backward else 1)
     n_splits = sizes[-1]
     if part is None:
-        part = torch.empty(n_strips * (n_splits + 1) * 2 * meta["BC"], dtype=torch.float32, device=x.device)
-        sync = torch.zeros(n_strips * (n_splits + 3), dtype=torch.int32, device=x.device)
+        width = 1 if backward else 2
+        part = torch.empty(n_strips * (n_splits + 1) * width * meta["BC"], dtype=torch.float32, device=a.device)
+        sync = torch.zeros(n_strips * (n_splits + 3), dtype=torch.int32, device=a.device)
     # Polling only means anything on a GPU: the interpreter runs the programs one after another.
-    max_polls = SPLIT_MAX_POLLS if x.is_cuda else 1
+    max_polls = SPLIT_MAX_POLLS if a.is_cuda else 1
     lo, hi = seed_words(seed)
-    scale2 = _LOG2E / tau
-    _gumbel_softmax_split_kernel[grid](x, out, part, sync, lo, hi, scale2, *sizes, max_polls, **meta,
-                                       **_NOISE_LAUNCH)
+    args = (a, b, out, part, sync, lo, hi, _LOG2E / tau, 1.0 / tau, *sizes)
+    launch = {} if backward else _NOISE_LAUNCH
+    _gumbel_softmax_split_kernel[grid](*args, max_polls, **meta, **launch)
     meta.pop("NSB")
-    _gumbel_softmax_split_fixup_kernel[(n_strips,)](x, out, part, sync, lo, hi, scale2, *sizes, **meta,
-                                                    **_NOISE_LAUNCH)
+    _gumbel_softmax_split_fixup_kernel[(n_strips,)](*args, **meta, **launch)
     return part, sync
 
 
@@ -847,7 +924,7 @@ def gumbel_softmax_forward(logits: torch.Tensor, seed: int, tau: float, hard: bo
         return out
     grid, sizes, single, meta = _gumbel_plan(x, dim, max_block, stream=hard)
     if not hard and not single and not meta["LAST_DIM"] and SPLIT_COLUMNS:
-        _split_softmax(x, out, seed, tau, dim, max_block)
+        _split_launch(x, x, out, seed, tau, dim, max_block, backward=False)
         return out
     lo, hi = seed_words(seed)
     if hard:
@@ -872,6 +949,9 @@ def gumbel_softmax_backward(grad: torch.Tensor, saved: torch.Tensor, seed: int, 
     if s.numel() == 0:
         return out
     grid, sizes, single, meta = _gumbel_plan(s, dim, max_block, inputs=2, noise=bool(hard))
+    if not hard and not single and not meta["LAST_DIM"] and SPLIT_COLUMNS:
+        _split_launch(dy, s, out, seed, tau, dim, max_block, backward=True)
+        return out
     lo, hi = seed_words(seed)
     launch = _NOISE_LAUNCH if hard else {}
     _gumbel_softmax_bwd_kernel[grid](dy, s, out, lo, hi, 1.0 / tau, _LOG2E / tau, *sizes, SINGLE=single,
