@@ -140,6 +140,47 @@ def _residual_step(kind, n, device):
     return setup
 
 
+def vq_breakdown_report(n: int = 65536, k: int = K, device: str = "cuda", calls: int = 3) -> dict:
+    """Where the Triton lookup's time goes at (N, K, D = 256) (fp32, l2, randn data): the rows flagged for the
+    float64 rescan, and each kernel's device time per call (torch.profiler) beside a TF32 ``x @ e^T`` of
+    the same shape. Printed by benchmarks/gpu_check.sh: the lookup measured 2.5 ms against 0.9-1.6 ms
+    predicted, and these numbers say which kernel holds the difference."""
+    from vlm_kernels.triton import vq as tvq
+
+    x, e = _data(n, k, torch.device(device))
+    stats: dict = {}
+    tvq.vq_nearest(x, e, 1, "l2", stats=stats)  # also the warm-up (compiles, codebook set-up cached)
+    rec: dict = {"shape": [n, k, D], "flagged_rows": int(stats["flagged"].item())}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        (x @ e.T).sum()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(calls):
+                tvq.vq_nearest(x, e, 1, "l2")
+                x @ e.T
+            if device == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    per_call = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0)
+        if device != "cuda":
+            t = ev.cpu_time_total
+        if t and ("_vq_" in ev.key or "gemm" in ev.key.lower() or "matmul" in ev.key.lower()
+                  or "vq_nearest" in ev.key):
+            per_call[ev.key[:80]] = round(t / calls, 1)
+    rec["us_per_call"] = dict(sorted(per_call.items(), key=lambda kv: -kv[1]))
+    print("vq lookup breakdown:", rec)
+    return rec
+
+
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     gpu = device.type == "cuda"
     ns = QUICK_N if quick else (GPU_N if gpu else FULL_N)

@@ -126,10 +126,13 @@ fi
 say "== 3. headline targets =="
 # The Triton-only ops first, while the extension compiles (they do not need it).
 runner "$(cap 200 300)" --mode headline --ops window_attention,vq
+if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 320 ]; then  # the VQ lookup's kernels timed apart, flagged rows
+  timeout -k 5 45 "$PY" -c "from benchmarks.bench_vq import vq_breakdown_report; vq_breakdown_report()" 2>&1 | tail -3 | tee -a "$LOG"
+fi
 wait_build
 runner "$(cap 120 240)" --mode headline --ops gumbel,overhead --append
 if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 250 ]; then  # did the split Gumbel plan's programs wait or give up?
-  timeout -k 5 30 "$PY" -c "from benchmarks.bench_gumbel import split_plan_report; split_plan_report()" 2>&1 | tee -a "$LOG"
+  timeout -k 5 30 "$PY" -c "from benchmarks.bench_gumbel import split_plan_report; split_plan_report()" 2>&1 | tail -3 | tee -a "$LOG"
 fi
 
 say "== 4. correctness on the GPU (cuda-marked tests, one process per file) =="
