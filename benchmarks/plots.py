@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 
 FAMILIES = [  # (title, ops)
     ("Gumbel-softmax", ("gumbel_softmax",)),
@@ -20,7 +21,7 @@ FAMILIES = [  # (title, ops)
     ("Swin block", ("swin_block",)),
     ("Whole models", ("swin_tiny", "dvae encode+sample")),
     ("Host overhead (per call)", ("host overhead",)),
-    ("Hugging Face Swin encoders", ("hf swin", "DonutSwin encoder")),
+    ("Hugging Face Swin encoders", ("hf_donut_stage", "hf_donut_encoder", "hf swin", "DonutSwin encoder")),
 ]
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
           "#64B5CD"]
@@ -29,13 +30,17 @@ COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA
 def short_label(rec: dict, with_op: bool = False) -> str:
     """A case's row label: its shape without what the panel title already says (``with_op``: prefixed with
     the op, for panels that hold several)."""
-    s = (rec["op"].replace(" encode+sample", "") + " " if with_op else "") + rec["shape"]
+    op = "" if rec["op"].startswith("hf_") else rec["op"].replace(" encode+sample", "")  # hf: the shape says it
+    s = (op + " " if with_op and op else "") + rec["shape"]
     s = re.sub(r"Swin-T (stage \d) \d+x\d+ C=\d+ h=\d+", r"\1", s)
     s = re.sub(r"\s*w\d+ s\d+", "", s)
     s = re.sub(r"\s*D=\d+", "", s)
+    s = re.sub(r"\s*C=\d+ h=\d+ w\d+", "", s)  # DonutSwin stages
+    s = re.sub(r"ResidualVQ\(dim=\d+, num_quantizers=(\d+), codebook_size=(\d+)\)", r"\1 x \2 codes", s)
     s = s.replace(" tiny input", "")
     dtype = "" if rec.get("dtype") in ("float32", None) else f" {rec['dtype'].replace('bfloat16', 'bf16').replace('float16', 'fp16')}"
-    return f"{s} {rec['mode']}{dtype}".strip()
+    # At most ~30 characters a line: a long label would squeeze its panel's bars into a sliver.
+    return textwrap.fill(f"{s} {rec['mode']}{dtype}".strip(), width=30, break_on_hyphens=False)
 
 
 def _family(op: str) -> str:

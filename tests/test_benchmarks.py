@@ -80,3 +80,27 @@ def test_json_is_rewritten_atomically(tmp_path):
     runner.write_json(path, {"cases": [1, 2]})
     assert json.loads(open(path).read()) == {"cases": [1, 2]}
     assert not (tmp_path / "x.json.tmp").exists()
+
+
+def test_plot_labels_stay_short_and_families_group_their_ops(tmp_path):
+    """Row labels wrap at about 30 characters (one long label squeezed every bar of its panel into a
+    sliver) and each op lands in its family's panel, the summary PNG included."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    def rec(op, shape, mode="fwd"):
+        return {"op": op, "shape": shape, "mode": mode, "dtype": "float32", "ours": "vlm_kernels",
+                "results": {"vlm_kernels": {"time_s": 1.0}, "peer": {"time_s": 2.0, "speedup_of_ours": 2.0}},
+                "targets": []}
+
+    records = [rec("ResidualVQ", "ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024) N=65536", "train step"),
+               rec("hf_donut_stage", "DonutSwin stage 1 160x120 C=128 h=4 w10 B=1"),
+               rec("hf_donut_encoder", "DonutSwin-base encoder 640x480 B=1")]
+    labels = [plots.short_label(r, with_op=True) for r in records]
+    assert labels[0] == "ResidualVQ 8 x 1024 codes\nN=65536 train step"
+    assert all(len(line) <= 30 for label in labels for line in label.splitlines()), labels
+    assert not labels[1].startswith("hf_")
+    assert {plots._family(r["op"]) for r in records[1:]} == {"Hugging Face Swin encoders"}
+    path = tmp_path / "summary.png"
+    plots.summary(records, str(path), "test")
+    assert path.stat().st_size > 0
