@@ -43,7 +43,6 @@
 #include <climits>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
 namespace {
 
@@ -274,12 +273,16 @@ void check_args(const char* fn, const at::Tensor& x, const at::Tensor& indices, 
   TORCH_CHECK(indices.device() == x.device(), fn, ": indices (", indices.device(), ") and x (", x.device(),
               ") must be on the same device");
   TORCH_CHECK(indices.is_contiguous(), fn, ": indices must be contiguous");
-  std::vector<int64_t> row_shape;
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (d != dim) row_shape.push_back(x.size(d));
+  // Compared in place rather than against a std::vector of x's shape without dim: the one H200 run died
+  // (SIGSEGV) exactly in the throw of this check, the first in this file thrown with a non-trivial local
+  // still alive (unwinding through nvcc-compiled host code is the suspect; the checks before it, thrown
+  // with nothing to destroy, raised properly). Nothing here needs destroying when it throws.
+  bool same_rows = indices.dim() == x.dim() - 1;
+  for (int64_t d = 0, k = 0; same_rows && d < x.dim(); ++d) {
+    if (d != dim) same_rows = indices.size(k++) == x.size(d);
   }
-  TORCH_CHECK(indices.sizes() == at::IntArrayRef(row_shape), fn, ": indices of shape ", indices.sizes(),
-              " must have x's shape ", x.sizes(), " without dim ", dim);
+  TORCH_CHECK(same_rows, fn, ": indices of shape ", indices.sizes(), " must have x's shape ", x.sizes(),
+              " without dim ", dim);
   TORCH_CHECK(num_codes >= 1 && num_codes <= INT_MAX, fn, ": num_codes must be in [1, 2^31), got ", num_codes);
 }
 
