@@ -168,10 +168,9 @@ def vq_breakdown_report(n: int = 65536, k: int = K, device: str = "cuda", calls:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     per_call = {}
     for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0)
-        if device != "cuda":
+        if device == "cuda":  # device_time_total since torch 2.4, cuda_time_total before
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        else:
             t = ev.cpu_time_total
         if t and ("_vq_" in ev.key or "gemm" in ev.key.lower() or "matmul" in ev.key.lower()
                   or "vq_nearest" in ev.key):

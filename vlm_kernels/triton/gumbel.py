@@ -35,8 +35,8 @@ double buffering, ``_chunk_load``). The soft forward and the soft backward over 
 NCHW, K = 8192) take the split plan instead (``SPLIT_COLUMNS``): K cut across the programs of a
 64-column strip, each chunk kept in registers while the strip's statistics are merged through global
 memory, so every input is read once and the noise made once (the forward moves 8 bytes per element, the
-backward 12; see ``_gumbel_softmax_split_kernel``). Rows that fit one tile are read once for the hard sample and argmax
-too (no streamed chunks).
+backward 12; see ``_gumbel_softmax_split_kernel``). Rows that fit one tile are read once for the hard
+sample and argmax too (no streamed chunks).
 
 NaN: a NaN in z makes the softmax sum NaN, so the whole line comes out NaN without a separate test;
 the argmax takes a NaN-propagating max per chunk and looks for the first NaN only in tiles that hold
@@ -71,13 +71,14 @@ LOOP_COLS = 64
 # Fewest contiguous inner positions a single-pass column tile may span (64 bytes of fp32: one DRAM burst);
 # a column reduction too long for that takes the looped path.
 MIN_STRIP_COLS = 16
-# The soft forward over columns too long for a single-pass strip takes the split plan (K cut across the
-# programs of a strip, one read of the logits, statistics merged through global memory; see
-# ``_gumbel_softmax_split_kernel``) when True, the looped plan (logits read twice, noise made twice) when
-# False. Split chunks hold SPLIT_TILE elements (64 columns x 128 categories of fp32: 32 KB, 8 warps);
-# the last program of a strip merges SPLIT_MERGE partials per step; a waiting program polls at most
-# SPLIT_MAX_POLLS times (about a millisecond or more on an H200) before it makes the missing partials
-# itself.
+# The soft forward and backward over columns too long for a single-pass strip take the split plan (K cut
+# across the programs of a strip, every input read once, statistics merged through global memory; see
+# ``_gumbel_softmax_split_kernel``) when True, the looped plan (inputs read twice, the forward's noise
+# made twice) when False. A split chunk holds SPLIT_TILE elements, half that per input for the backward
+# (forward: 64 columns x 128 categories of fp32, 32 KB, 4 warps of 64 elements per thread); the last
+# program of a strip merges SPLIT_MERGE partials per step; a waiting program polls at most
+# SPLIT_MAX_POLLS times (a millisecond or more on an H200) before it marks its chunk for the fix-up
+# kernel and exits.
 SPLIT_COLUMNS = True
 SPLIT_TILE = 8192
 SPLIT_MERGE = 16
